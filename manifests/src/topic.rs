@@ -1,0 +1,153 @@
+//! Every MQTT topic wpm uses is built here and nowhere else.
+//!
+//! ```text
+//! wpm/v1/deploy/fleet                     retained signed Deployment for the fleet
+//! wpm/v1/deploy/group/{group}             retained signed Deployment for a group
+//! wpm/v1/deploy/device/{device}           retained signed Deployment for one device
+//! wpm/v1/module/{sha256}/manifest         retained signed ModuleManifest (chunk index)
+//! wpm/v1/module/{sha256}/chunk/{index}    retained Chunk
+//! wpm/v1/device/{device}/status           retained DeviceStatus
+//! wpm/v1/device/{device}/presence         retained Presence (offline = last will)
+//! wpm/v1/device/{device}/events           Event
+//! wpm/v1/device/{device}/telemetry/{mod}  module telemetry, bytes as the module gave them
+//! ```
+//!
+//! Modules are addressed by content (sha256), so the same bytes deployed under two names
+//! or to two groups travel and are retained once.
+
+use crate::types::Target;
+use alloc::format;
+use alloc::string::String;
+
+/// The version prefix of every topic.
+pub const PREFIX: &str = "wpm/v1";
+
+/// One concrete topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topic<'a> {
+    Deployment(&'a Target),
+    ModuleManifest(&'a [u8; 32]),
+    Chunk(&'a [u8; 32], u32),
+    Status(&'a str),
+    Presence(&'a str),
+    Events(&'a str),
+    Telemetry(&'a str, &'a str),
+}
+
+impl Topic<'_> {
+    /// The topic string.
+    pub fn render(&self) -> String {
+        match self {
+            Topic::Deployment(Target::Fleet) => format!("{PREFIX}/deploy/fleet"),
+            Topic::Deployment(Target::Group(g)) => format!("{PREFIX}/deploy/group/{g}"),
+            Topic::Deployment(Target::Device(d)) => format!("{PREFIX}/deploy/device/{d}"),
+            Topic::ModuleManifest(h) => format!("{PREFIX}/module/{}/manifest", hex::encode(h)),
+            Topic::Chunk(h, i) => format!("{PREFIX}/module/{}/chunk/{i}", hex::encode(h)),
+            Topic::Status(d) => format!("{PREFIX}/device/{d}/status"),
+            Topic::Presence(d) => format!("{PREFIX}/device/{d}/presence"),
+            Topic::Events(d) => format!("{PREFIX}/device/{d}/events"),
+            Topic::Telemetry(d, m) => format!("{PREFIX}/device/{d}/telemetry/{m}"),
+        }
+    }
+}
+
+/// Subscriptions the registry makes across the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicFilter {
+    AllStatus,
+    AllPresence,
+    AllEvents,
+    AllTelemetry,
+}
+
+impl TopicFilter {
+    pub fn render(self) -> String {
+        match self {
+            TopicFilter::AllStatus => format!("{PREFIX}/device/+/status"),
+            TopicFilter::AllPresence => format!("{PREFIX}/device/+/presence"),
+            TopicFilter::AllEvents => format!("{PREFIX}/device/+/events"),
+            TopicFilter::AllTelemetry => format!("{PREFIX}/device/+/telemetry/+"),
+        }
+    }
+}
+
+/// A device-side topic, parsed back: which device it is about, and what it carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceTopic<'a> {
+    Status(&'a str),
+    Presence(&'a str),
+    Events(&'a str),
+    Telemetry(&'a str, &'a str),
+}
+
+/// Parses `wpm/v1/device/...` topics; `None` for anything else.
+pub fn parse_device_topic(topic: &str) -> Option<DeviceTopic<'_>> {
+    let rest = topic.strip_prefix(PREFIX)?.strip_prefix("/device/")?;
+    let mut parts = rest.split('/');
+    let device = parts.next()?;
+    let kind = parts.next()?;
+    let extra = parts.next();
+    if parts.next().is_some() {
+        return None;
+    }
+    match (kind, extra) {
+        ("status", None) => Some(DeviceTopic::Status(device)),
+        ("presence", None) => Some(DeviceTopic::Presence(device)),
+        ("events", None) => Some(DeviceTopic::Events(device)),
+        ("telemetry", Some(m)) => Some(DeviceTopic::Telemetry(device, m)),
+        _ => None,
+    }
+}
+
+/// A module-side topic, parsed back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleTopic {
+    Manifest([u8; 32]),
+    Chunk([u8; 32], u32),
+}
+
+/// Parses `wpm/v1/module/...` topics; `None` for anything else.
+pub fn parse_module_topic(topic: &str) -> Option<ModuleTopic> {
+    let rest = topic.strip_prefix(PREFIX)?.strip_prefix("/module/")?;
+    let mut parts = rest.split('/');
+    let mut digest = [0u8; 32];
+    hex::decode_to_slice(parts.next()?, &mut digest).ok()?;
+    let t = match (parts.next()?, parts.next()) {
+        ("manifest", None) => ModuleTopic::Manifest(digest),
+        ("chunk", Some(i)) => ModuleTopic::Chunk(digest, i.parse().ok()?),
+        _ => return None,
+    };
+    parts.next().is_none().then_some(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_round_trip() {
+        let h = [0xab; 32];
+        assert_eq!(
+            parse_module_topic(&Topic::Chunk(&h, 17).render()),
+            Some(ModuleTopic::Chunk(h, 17))
+        );
+        assert_eq!(
+            parse_module_topic(&Topic::ModuleManifest(&h).render()),
+            Some(ModuleTopic::Manifest(h))
+        );
+        assert_eq!(
+            parse_device_topic(&Topic::Telemetry("d1", "hello").render()),
+            Some(DeviceTopic::Telemetry("d1", "hello"))
+        );
+        assert_eq!(
+            parse_device_topic(&Topic::Status("d1").render()),
+            Some(DeviceTopic::Status("d1"))
+        );
+        assert_eq!(parse_device_topic("wpm/v1/device/d1/status/x"), None);
+        assert_eq!(parse_module_topic("wpm/v1/module/zz/chunk/1"), None);
+        assert_eq!(
+            Topic::Deployment(&Target::Group("eu".into())).render(),
+            "wpm/v1/deploy/group/eu"
+        );
+    }
+}
