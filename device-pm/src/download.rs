@@ -1,0 +1,221 @@
+//! Which chunks of the module being downloaded to ask for, and whether one that arrived
+//! may be written. No I/O: the device turns the answers into subscriptions and writes.
+//!
+//! Chunks are retained on the broker, one topic each, so subscribing to a chunk's topic
+//! fetches it; the device unsubscribes once it has arrived. At most `window` chunk
+//! topics are subscribed at a time, which bounds the bytes in flight on a cellular link.
+
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use wpm_manifests::{Chunk, ModuleManifest, ModuleRef};
+
+/// How often one chunk may fail its check before the download is given up.
+pub const MAX_ATTEMPTS: u8 = 4;
+/// Wait before fetching a rejected chunk again, doubled on each further failure.
+pub const RETRY_BACKOFF_MS: u64 = 1_000;
+/// A requested chunk that has not arrived after this long is asked for again (the
+/// broker may have dropped the subscription's delivery).
+pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
+
+/// A module download into one staging bank.
+#[derive(Debug)]
+pub struct Download {
+    pub module: ModuleRef,
+    pub bank: u16,
+    /// The signed chunk index; `None` until it arrived and matched `module`.
+    pub manifest: Option<ModuleManifest>,
+    have: Vec<bool>,
+    /// Chunk index → when it was requested.
+    outstanding: BTreeMap<u32, u64>,
+    /// Chunk index → earliest time to request it again after a rejection.
+    retry_at: BTreeMap<u32, u64>,
+    failures: BTreeMap<u32, u8>,
+    /// Progress is reported each time another quarter is done.
+    reported_quarters: u32,
+}
+
+/// What to do about a chunk that failed its check.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rejection {
+    RetryLater,
+    GiveUp,
+}
+
+impl Download {
+    pub fn new(module: ModuleRef, bank: u16) -> Self {
+        let count = module.chunk_count() as usize;
+        Self {
+            module,
+            bank,
+            manifest: None,
+            have: vec![false; count],
+            outstanding: BTreeMap::new(),
+            retry_at: BTreeMap::new(),
+            failures: BTreeMap::new(),
+            reported_quarters: 0,
+        }
+    }
+
+    /// Checks the signed chunk index against the deployment's module reference.
+    pub fn set_manifest(&mut self, manifest: ModuleManifest) -> Result<(), String> {
+        let m = &self.module;
+        if manifest.name != m.name
+            || manifest.version != m.version
+            || manifest.sha256 != m.sha256
+            || manifest.size != m.size
+            || manifest.chunk_size != m.chunk_size
+        {
+            return Err(format!(
+                "module manifest {}@{} ({} bytes, chunks of {}) does not match the deployment's {}@{} ({} bytes, chunks of {})",
+                manifest.name, manifest.version, manifest.size, manifest.chunk_size,
+                m.name, m.version, m.size, m.chunk_size
+            ));
+        }
+        if manifest.chunk_hashes.len() != self.have.len() {
+            return Err(format!(
+                "module manifest lists {} chunk hashes, {} expected",
+                manifest.chunk_hashes.len(),
+                self.have.len()
+            ));
+        }
+        self.manifest = Some(manifest);
+        Ok(())
+    }
+
+    pub fn chunk_count(&self) -> u32 {
+        self.have.len() as u32
+    }
+
+    /// Offset of chunk `index` in the module, and its length.
+    pub fn chunk_span(&self, index: u32) -> (u32, usize) {
+        let offset = index * self.module.chunk_size;
+        let len = self.module.chunk_size.min(self.module.size - offset);
+        (offset, len as usize)
+    }
+
+    /// The expected sha256 of chunk `index`, once the manifest is known.
+    pub fn chunk_hash(&self, index: u32) -> Option<&[u8; 32]> {
+        self.manifest
+            .as_ref()
+            .and_then(|m| m.chunk_hashes.get(index as usize))
+            .map(|h| &**h)
+    }
+
+    pub fn is_outstanding(&self, index: u32) -> bool {
+        self.outstanding.contains_key(&index)
+    }
+
+    pub fn held(&self) -> u32 {
+        self.have.iter().filter(|h| **h).count() as u32
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.have.iter().all(|h| *h)
+    }
+
+    /// Why `chunk` may not be written, if it may not.
+    pub fn check(&self, chunk: &Chunk) -> Result<(), String> {
+        let want = self
+            .chunk_hash(chunk.index)
+            .ok_or_else(|| format!("chunk {} is out of range", chunk.index))?;
+        let (_, len) = self.chunk_span(chunk.index);
+        if chunk.data.len() != len {
+            return Err(format!(
+                "chunk has {} bytes, {} expected",
+                chunk.data.len(),
+                len
+            ));
+        }
+        if wpm_manifests::sha256(&chunk.data) != *want {
+            return Err("chunk sha256 does not match the module manifest".into());
+        }
+        Ok(())
+    }
+
+    /// Records that chunk `index` is in flash.
+    pub fn mark_held(&mut self, index: u32) {
+        if let Some(h) = self.have.get_mut(index as usize) {
+            *h = true;
+        }
+        self.outstanding.remove(&index);
+        self.retry_at.remove(&index);
+    }
+
+    /// Records a failed check of an outstanding chunk.
+    pub fn reject(&mut self, index: u32, now_ms: u64) -> Rejection {
+        self.outstanding.remove(&index);
+        let failures = self.failures.entry(index).or_insert(0);
+        *failures += 1;
+        if *failures >= MAX_ATTEMPTS {
+            return Rejection::GiveUp;
+        }
+        let backoff = RETRY_BACKOFF_MS << (*failures - 1);
+        self.retry_at.insert(index, now_ms + backoff);
+        Rejection::RetryLater
+    }
+
+    /// Chunks whose request timed out: the caller asks for them again.
+    pub fn timed_out(&mut self, now_ms: u64) -> Vec<u32> {
+        let late: Vec<u32> = self
+            .outstanding
+            .iter()
+            .filter(|(_, at)| now_ms >= **at + REQUEST_TIMEOUT_MS)
+            .map(|(i, _)| *i)
+            .collect();
+        for i in &late {
+            self.outstanding.insert(*i, now_ms);
+        }
+        late
+    }
+
+    /// The next chunks to request, lowest index first, keeping at most `window` in
+    /// flight; they count as outstanding from now.
+    pub fn next_requests(&mut self, window: usize, now_ms: u64) -> Vec<u32> {
+        if self.manifest.is_none() {
+            return Vec::new();
+        }
+        let mut picked = Vec::new();
+        for index in 0..self.chunk_count() {
+            if self.outstanding.len() >= window.max(1) {
+                break;
+            }
+            let waiting = self.retry_at.get(&index).is_some_and(|at| *at > now_ms);
+            if !self.have[index as usize] && !self.is_outstanding(index) && !waiting {
+                self.outstanding.insert(index, now_ms);
+                self.retry_at.remove(&index);
+                picked.push(index);
+            }
+        }
+        picked
+    }
+
+    /// Forgets every request: the link went down and took the subscriptions with it.
+    pub fn link_lost(&mut self) {
+        self.outstanding.clear();
+    }
+
+    /// Requested chunk topics, to unsubscribe when the download is dropped.
+    pub fn outstanding(&self) -> impl Iterator<Item = u32> + '_ {
+        self.outstanding.keys().copied()
+    }
+
+    /// When the download next needs the timer: a backoff or a request timeout ending.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let retry = self.retry_at.values().copied();
+        let timeout = self.outstanding.values().map(|at| at + REQUEST_TIMEOUT_MS);
+        retry.chain(timeout).min()
+    }
+
+    /// `Some(held)` when another quarter of the module has arrived since the last report.
+    pub fn progress_to_report(&mut self) -> Option<u32> {
+        let total = self.chunk_count().max(1);
+        let quarters = self.held() * 4 / total;
+        (quarters > self.reported_quarters).then(|| {
+            self.reported_quarters = quarters;
+            self.held()
+        })
+    }
+}
