@@ -1,0 +1,151 @@
+//! The registry's secrets on disk (signing key, API token) and its signing path.
+
+use anyhow::Context as _;
+use std::io::Write as _;
+use std::path::Path;
+use wpm_manifests::{Deployment, KeyPair, ModuleManifest};
+
+/// File names inside the data directory.
+pub const SIGNING_KEY_FILE: &str = "signing.key";
+pub const PUBLIC_KEY_FILE: &str = "registry.pub";
+pub const TOKEN_FILE: &str = "api-token";
+
+/// 32 bytes from the operating system's CSPRNG.
+pub fn random_bytes() -> anyhow::Result<[u8; 32]> {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
+    Ok(b)
+}
+
+/// Writes a secret readable by the owner only. `create_new`, so two registries starting
+/// on one data dir cannot both generate (and one overwrite the other's) key.
+fn write_secret(path: &Path, contents: &str) -> anyhow::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Loads DATA_DIR/signing.key (hex ed25519 seed; 32 raw bytes are accepted too), or
+/// generates it on first start. Also (re)writes DATA_DIR/registry.pub (hex public key).
+pub fn load_or_create_signing_key(data_dir: &Path) -> anyhow::Result<KeyPair> {
+    let path = data_dir.join(SIGNING_KEY_FILE);
+    let key = if path.exists() {
+        let raw = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let seed: [u8; 32] = if raw.len() == 32 {
+            raw.try_into().expect("length checked")
+        } else {
+            let text = std::str::from_utf8(&raw)
+                .ok()
+                .map(str::trim)
+                .unwrap_or_default();
+            let mut seed = [0u8; 32];
+            hex::decode_to_slice(text, &mut seed).with_context(|| {
+                format!(
+                    "{} is not a hex ed25519 seed (64 hex digits)",
+                    path.display()
+                )
+            })?;
+            seed
+        };
+        KeyPair::from_seed(&seed)
+    } else {
+        let seed = random_bytes()?;
+        write_secret(&path, &format!("{}\n", hex::encode(seed)))?;
+        tracing::info!(path = %path.display(), "generated a new registry signing key");
+        KeyPair::from_seed(&seed)
+    };
+    let pub_path = data_dir.join(PUBLIC_KEY_FILE);
+    std::fs::write(&pub_path, format!("{}\n", hex::encode(key.public())))
+        .with_context(|| format!("writing {}", pub_path.display()))?;
+    Ok(key)
+}
+
+/// The API token: the given one, else DATA_DIR/api-token, generated on first start.
+pub fn load_or_create_token(data_dir: &Path, given: Option<&str>) -> anyhow::Result<String> {
+    if let Some(t) = given {
+        anyhow::ensure!(!t.trim().is_empty(), "the API token must not be empty");
+        return Ok(t.trim().to_string());
+    }
+    let path = data_dir.join(TOKEN_FILE);
+    if path.exists() {
+        let t = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let t = t.trim();
+        anyhow::ensure!(!t.is_empty(), "{} is empty", path.display());
+        return Ok(t.to_string());
+    }
+    let token = hex::encode(random_bytes()?);
+    write_secret(&path, &format!("{token}\n"))?;
+    tracing::info!(path = %path.display(), "generated a new API token");
+    Ok(token)
+}
+
+/// The one function that signs deployments. Everything the registry publishes on a
+/// deployment topic comes from here, and the golden-vector test checks it byte for byte.
+pub fn seal_deployment(key: &KeyPair, deployment: &Deployment) -> Vec<u8> {
+    key.seal(deployment)
+}
+
+/// The one function that signs module manifests (chunk indexes).
+pub fn seal_module_manifest(key: &KeyPair, manifest: &ModuleManifest) -> Vec<u8> {
+    key.seal(manifest)
+}
+
+/// Compares two secrets in time independent of where they first differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_and_token_persist_with_owner_only_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let k1 = load_or_create_signing_key(dir.path()).unwrap();
+        let k2 = load_or_create_signing_key(dir.path()).unwrap();
+        assert_eq!(k1.public(), k2.public());
+        let t1 = load_or_create_token(dir.path(), None).unwrap();
+        let t2 = load_or_create_token(dir.path(), None).unwrap();
+        assert_eq!(t1, t2);
+        assert_eq!(t1.len(), 64);
+        assert_eq!(
+            load_or_create_token(dir.path(), Some("given")).unwrap(),
+            "given"
+        );
+        let pubhex = std::fs::read_to_string(dir.path().join(PUBLIC_KEY_FILE)).unwrap();
+        assert_eq!(pubhex.trim(), hex::encode(k1.public()));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            for f in [SIGNING_KEY_FILE, TOKEN_FILE] {
+                let mode = std::fs::metadata(dir.path().join(f))
+                    .unwrap()
+                    .permissions()
+                    .mode();
+                assert_eq!(mode & 0o777, 0o600, "{f}");
+            }
+        }
+    }
+
+    #[test]
+    fn constant_time_eq_works() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

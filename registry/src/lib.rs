@@ -1,0 +1,212 @@
+//! The wpm registry: stores modules and deployments, signs what devices must run,
+//! publishes it over MQTT, and ingests device status into the database.
+//!
+//! ```text
+//! HTTP (axum) ──▶ db (sqlx Any: SQLite / PostgreSQL) ──▶ publish (rumqttc, retained QoS 1)
+//!                                    ▲                          │
+//!                 ingest (rumqttc) ──┘◀── status/presence/events ◀── broker (rumqttd or external)
+//! ```
+
+pub mod broker;
+pub mod config;
+pub mod db;
+pub mod deploy;
+pub mod http;
+pub mod ingest;
+pub mod keys;
+pub mod publish;
+
+pub use config::{Config, ServeArgs};
+pub use keys::{seal_deployment, seal_module_manifest};
+
+use anyhow::Context as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// A running registry.
+pub struct Registry {
+    http_addr: SocketAddr,
+    mqtt_url: String,
+    token: String,
+    public_key: [u8; 32],
+    stop: watch::Sender<bool>,
+    http_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    renew_task: tokio::task::JoinHandle<()>,
+    publisher: Arc<publish::Publisher>,
+    ingest: ingest::Ingest,
+    db: db::Db,
+}
+
+impl Registry {
+    /// Starts everything and returns once the HTTP API answers and both MQTT connections
+    /// (publisher, ingest with its subscriptions) are up, after republishing all deployed
+    /// state to the broker.
+    pub async fn start(config: Config) -> anyhow::Result<Registry> {
+        anyhow::ensure!(
+            (64..=65536).contains(&config.chunk_size),
+            "chunk size must be between 64 and 65536 bytes, not {}",
+            config.chunk_size
+        );
+        anyhow::ensure!(
+            !config.manifest_ttl.is_zero(),
+            "the manifest TTL must be positive"
+        );
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating {}", config.data_dir.display()))?;
+        let key = Arc::new(keys::load_or_create_signing_key(&config.data_dir)?);
+        let token = keys::load_or_create_token(&config.data_dir, config.token.as_deref())?;
+        let db = db::Db::connect(&config.database_url()).await?;
+
+        let max_packet = config.max_packet_size();
+        let (host, port, mqtt_url) = match &config.broker {
+            Some(url) => {
+                let (host, port) = config::parse_broker_url(url)?;
+                (host.clone(), port, format!("mqtt://{host}:{port}"))
+            }
+            None => {
+                let b = broker::start(config.mqtt_listen, max_packet)?;
+                let host = b.addr.ip().to_string();
+                (host.clone(), b.addr.port(), format!("mqtt://{}", b.addr))
+            }
+        };
+        let settings = publish::MqttSettings {
+            host,
+            port,
+            max_packet_size: max_packet,
+        };
+
+        let (stop, stop_rx) = watch::channel(false);
+        let publisher = Arc::new(
+            publish::Publisher::connect(&settings, key.clone(), stop_rx.clone())
+                .await
+                .with_context(|| format!("MQTT broker {mqtt_url}"))?,
+        );
+        let stats = Arc::new(ingest::IngestStats::default());
+        let ingest = ingest::Ingest::start(&settings, db.clone(), stats.clone(), stop_rx.clone())
+            .await
+            .with_context(|| format!("MQTT broker {mqtt_url}"))?;
+        publish::republish_all(&db, &publisher).await?;
+
+        let deployer = Arc::new(deploy::Deployer {
+            db: db.clone(),
+            key: key.clone(),
+            publisher: publisher.clone(),
+            manifest_ttl: config.manifest_ttl,
+            lock: tokio::sync::Mutex::new(()),
+        });
+        let renew_task = tokio::spawn(deploy::renew_loop(deployer.clone(), stop_rx.clone()));
+        let state = Arc::new(http::AppState {
+            db: db.clone(),
+            key: key.clone(),
+            token: token.clone(),
+            deployer,
+            stats,
+            chunk_size: config.chunk_size,
+            max_module_size: config.max_module_size,
+        });
+        let listener = tokio::net::TcpListener::bind(config.http)
+            .await
+            .with_context(|| format!("HTTP API cannot listen on {}", config.http))?;
+        let http_addr = listener.local_addr()?;
+        let mut http_stop = stop_rx.clone();
+        let http_task = tokio::spawn(async move {
+            axum::serve(listener, http::router(state))
+                .with_graceful_shutdown(async move {
+                    let _ = http_stop.wait_for(|s| *s).await;
+                })
+                .await
+        });
+        tracing::info!(http = %http_addr, mqtt = %mqtt_url, "registry ready");
+        Ok(Registry {
+            http_addr,
+            mqtt_url,
+            token,
+            public_key: key.public(),
+            stop,
+            http_task,
+            renew_task,
+            publisher,
+            ingest,
+            db,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT` (the real port when started with port 0).
+    pub fn http_url(&self) -> String {
+        let ip = if self.http_addr.ip().is_unspecified() {
+            std::net::IpAddr::from([127, 0, 0, 1])
+        } else {
+            self.http_addr.ip()
+        };
+        format!("http://{}", SocketAddr::new(ip, self.http_addr.port()))
+    }
+
+    /// `mqtt://host:port` devices should connect to.
+    pub fn mqtt_url(&self) -> String {
+        self.mqtt_url.clone()
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The ed25519 key devices must trust.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.public_key
+    }
+
+    /// Stops the HTTP API, the MQTT clients (flushing the ingest) and closes the
+    /// database.
+    ///
+    /// The embedded broker (rumqttd) cannot be stopped: its threads and its listening
+    /// port stay until the process exits. A registry started again in the same process
+    /// must use another `mqtt_listen` port (or an external broker).
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        let http = self.http_task.await;
+        let _ = self.renew_task.await;
+        self.ingest.shutdown().await;
+        if let Ok(p) = Arc::try_unwrap(self.publisher) {
+            p.shutdown().await;
+        }
+        self.db.close().await;
+        http.context("HTTP task panicked")?
+            .context("HTTP server failed")?;
+        Ok(())
+    }
+}
+
+/// Starts the registry and runs it until Ctrl-C (or SIGTERM).
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let registry = Registry::start(Config::from(args)).await?;
+    println!("wpm registry");
+    println!("  HTTP API    {}", registry.http_url());
+    println!("  MQTT broker {}", registry.mqtt_url());
+    println!("  public key  {}", hex::encode(registry.public_key()));
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    registry.shutdown().await
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,204 @@
+//! Publishing what devices must run: module chunks, module manifests (chunk indexes) and
+//! deployment manifests, all QoS 1 and retained so the broker serves the fleet.
+
+use crate::db::{Db, DeploymentRow, ModuleRow};
+use crate::keys;
+use anyhow::Context as _;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Mutex};
+use wpm_manifests::{encode, sha256, Chunk, KeyPair, ModuleManifest, Topic};
+
+/// MQTT connection settings shared by the registry's clients.
+#[derive(Clone, Debug)]
+pub struct MqttSettings {
+    pub host: String,
+    pub port: u16,
+    pub max_packet_size: usize,
+}
+
+impl MqttSettings {
+    pub fn options(&self, client_id: String) -> MqttOptions {
+        let mut o = MqttOptions::new(client_id, self.host.clone(), self.port);
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_max_packet_size(self.max_packet_size, self.max_packet_size);
+        o.set_clean_session(true);
+        o.set_inflight(100);
+        o
+    }
+}
+
+/// A client id no other registry replica or test run uses.
+pub fn client_id(role: &str) -> String {
+    let r = keys::random_bytes().unwrap_or_default();
+    format!("wpm-registry-{role}-{}", hex::encode(&r[..6]))
+}
+
+/// Drives a client's event loop until `stop` flips, reconnecting after errors. Sends
+/// `true` on `connected` at every ConnAck; `on_event` sees every event.
+pub async fn drive(
+    mut eventloop: EventLoop,
+    mut stop: watch::Receiver<bool>,
+    connected: watch::Sender<bool>,
+    name: &'static str,
+    mut on_event: impl FnMut(Event) + Send,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            ev = eventloop.poll() => match ev {
+                Ok(ev) => {
+                    if let Event::Incoming(Packet::ConnAck(_)) = ev {
+                        tracing::info!(client = name, "connected to the MQTT broker");
+                        let _ = connected.send(true);
+                    }
+                    on_event(ev);
+                }
+                Err(e) => {
+                    let _ = connected.send(false);
+                    tracing::warn!(client = name, error = %e, "MQTT connection lost; retrying in 1 s");
+                    // rumqttc reconnects on the next poll; pace it.
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Waits until `connected` reads true, or fails after `timeout`.
+pub async fn wait_connected(
+    mut rx: watch::Receiver<bool>,
+    what: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    tokio::time::timeout(timeout, rx.wait_for(|c| *c))
+        .await
+        .with_context(|| format!("{what}: no connection to the MQTT broker within {timeout:?}"))?
+        .with_context(|| format!("{what}: MQTT task ended"))?;
+    Ok(())
+}
+
+/// The registry's publishing connection.
+pub struct Publisher {
+    client: AsyncClient,
+    key: Arc<KeyPair>,
+    /// Modules whose chunks and manifest this process has already published: the broker
+    /// retains them, so a later deployment of the same bytes need not send them again.
+    published: Mutex<HashSet<[u8; 32]>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Publisher {
+    pub async fn connect(
+        settings: &MqttSettings,
+        key: Arc<KeyPair>,
+        stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<Publisher> {
+        let (client, eventloop) = AsyncClient::new(settings.options(client_id("pub")), 1024);
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(drive(eventloop, stop, tx, "publisher", |_| {}));
+        wait_connected(rx, "publisher", Duration::from_secs(10)).await?;
+        Ok(Publisher {
+            client,
+            key,
+            published: Mutex::new(HashSet::new()),
+            task,
+        })
+    }
+
+    async fn publish(&self, topic: String, payload: Vec<u8>) -> anyhow::Result<()> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, true, payload)
+            .await
+            .context("queueing an MQTT publish")
+    }
+
+    /// Publishes a module's chunks, then its signed manifest, unless already done by
+    /// this process. Chunks first: a device that sees the manifest finds every chunk.
+    pub async fn publish_module(&self, module: &ModuleRow, wasm: &[u8]) -> anyhow::Result<()> {
+        let mut published = self.published.lock().await;
+        if published.contains(&module.sha256) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            sha256(wasm) == module.sha256,
+            "stored bytes of {}@{} do not match their sha256",
+            module.name,
+            module.version
+        );
+        let chunk_size = module.chunk_size.max(1) as usize;
+        let mut hashes = Vec::new();
+        for (i, data) in wasm.chunks(chunk_size).enumerate() {
+            hashes.push(sha256(data).into());
+            let chunk = Chunk {
+                module: module.sha256.into(),
+                index: i as u32,
+                data: data.to_vec().into(),
+            };
+            self.publish(
+                Topic::Chunk(&module.sha256, i as u32).render(),
+                encode(&chunk),
+            )
+            .await?;
+        }
+        let manifest = ModuleManifest {
+            name: module.name.clone(),
+            version: module.version.clone(),
+            sha256: module.sha256.into(),
+            size: module.size,
+            chunk_size: module.chunk_size,
+            chunk_hashes: hashes,
+        };
+        self.publish(
+            Topic::ModuleManifest(&module.sha256).render(),
+            keys::seal_module_manifest(&self.key, &manifest),
+        )
+        .await?;
+        published.insert(module.sha256);
+        tracing::info!(
+            module = %module.name, version = %module.version,
+            chunks = module.chunk_count(), "published module"
+        );
+        Ok(())
+    }
+
+    pub async fn publish_deployment(&self, d: &DeploymentRow) -> anyhow::Result<()> {
+        self.publish(Topic::Deployment(&d.target).render(), d.sealed.clone())
+            .await?;
+        tracing::info!(sequence = d.sequence, target = ?d.target, "published deployment");
+        Ok(())
+    }
+
+    pub async fn shutdown(self) {
+        let _ = self.client.disconnect().await;
+        // The event loop sends the DISCONNECT, then the stop signal ends it.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.task).await;
+    }
+}
+
+/// Publishes everything deployed: the modules of every desired set, then the newest
+/// deployment of every target. The broker may have lost its retained messages (rumqttd
+/// keeps them in memory only), so this runs on every start. Publishing the same retained
+/// bytes again is harmless, so replicas can all do it.
+pub async fn republish_all(db: &Db, publisher: &Publisher) -> anyhow::Result<()> {
+    let modules = db.desired_modules().await?;
+    for m in &modules {
+        let wasm = db.module_wasm(&m.name, &m.version).await?;
+        publisher.publish_module(m, &wasm).await?;
+    }
+    let deployments = db.latest_deployments().await?;
+    for d in &deployments {
+        publisher.publish_deployment(d).await?;
+    }
+    tracing::info!(
+        modules = modules.len(),
+        deployments = deployments.len(),
+        "republished retained state"
+    );
+    Ok(())
+}

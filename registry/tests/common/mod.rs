@@ -1,0 +1,265 @@
+//! Helpers shared by the registry's integration tests: starting registries against real
+//! services, a fake device, an MQTT observer.
+#![allow(dead_code)]
+
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use std::collections::HashMap;
+use std::time::Duration;
+use wpm_registry::{Config, Registry};
+
+pub const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";
+pub const MOSQUITTO: &str = "mqtt://127.0.0.1:1883";
+
+/// A short random hex string, so names never collide across runs on shared services.
+pub fn unique(prefix: &str) -> String {
+    let mut b = [0u8; 6];
+    getrandom::fill(&mut b).unwrap();
+    format!("{prefix}-{}", hex::encode(b))
+}
+
+/// A free TCP port on localhost for an embedded broker.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A valid module, made unique by `tag` (different bytes, different sha256) and padded so
+/// it spans several 64-byte chunks.
+pub fn module_wasm(tag: &str) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+             (import "wpm" "log" (func $log (param i32 i32 i32)))
+             (memory (export "memory") 1)
+             (data (i32.const 0) "{tag} padding padding padding padding padding padding padding padding")
+             (func (export "wpm_init") (result i32) i32.const 0)
+             (func (export "wpm_tick") (call $log (i32.const 2) (i32.const 0) (i32.const 8))))"#
+    ))
+    .unwrap()
+}
+
+/// Config for a registry on a temp data dir with the embedded broker on a free port.
+pub fn embedded_config(dir: &std::path::Path) -> Config {
+    let mut c = Config::new(dir);
+    c.http = "127.0.0.1:0".parse().unwrap();
+    c.mqtt_listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    c.chunk_size = 64;
+    c
+}
+
+/// A fresh PostgreSQL schema; the URL puts every table of the registry in it.
+pub struct PgSchema {
+    pub name: String,
+    pub url: String,
+}
+
+impl PgSchema {
+    pub async fn create() -> PgSchema {
+        let name = unique("wpm_test").replace('-', "_");
+        let pool = sqlx::PgPool::connect(POSTGRES).await.unwrap_or_else(|e| {
+            panic!("PostgreSQL at {POSTGRES} is needed for this test: {e} (start it with pg_ctlcluster)")
+        });
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}")))
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        let url = format!("{POSTGRES}?options=-c%20search_path%3D{name}");
+        PgSchema { name, url }
+    }
+
+    pub async fn drop(self) {
+        let pool = sqlx::PgPool::connect(POSTGRES).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA {} CASCADE",
+            self.name
+        )))
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+    }
+}
+
+pub fn pg_mosquitto_config(dir: &std::path::Path, pg: &PgSchema) -> Config {
+    let mut c = Config::new(dir);
+    c.http = "127.0.0.1:0".parse().unwrap();
+    c.broker = Some(MOSQUITTO.to_string());
+    c.database = Some(pg.url.clone());
+    c.chunk_size = 64;
+    c
+}
+
+/// HTTP client bound to one registry.
+pub struct Api {
+    pub base: String,
+    pub token: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(reg: &Registry) -> Api {
+        Api {
+            base: reg.http_url(),
+            token: reg.token().to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    }
+
+    pub async fn put_module(
+        &self,
+        name: &str,
+        version: &str,
+        bytes: Vec<u8>,
+    ) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .put(format!("{}/v1/modules/{name}/{version}", self.base))
+            .bearer_auth(&self.token)
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    }
+
+    pub async fn deploy(&self, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .post(format!("{}/v1/deployments", self.base))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    }
+}
+
+fn mqtt_options(url: &str, id: &str) -> MqttOptions {
+    let (host, port) = wpm_registry::config::parse_broker_url(url).unwrap();
+    let mut o = MqttOptions::new(id, host, port);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    o.set_keep_alive(Duration::from_secs(30));
+    o
+}
+
+/// Subscribes to `filters` and collects messages (last one per topic) until `done` holds
+/// or `timeout` passes.
+pub async fn collect(
+    url: &str,
+    filters: &[String],
+    timeout: Duration,
+    done: impl Fn(&HashMap<String, Vec<u8>>) -> bool,
+) -> HashMap<String, Vec<u8>> {
+    let (client, mut ev) = AsyncClient::new(mqtt_options(url, &unique("observer")), 100);
+    for f in filters {
+        client.subscribe(f.clone(), QoS::AtMostOnce).await.unwrap();
+    }
+    let mut got = HashMap::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !done(&got) {
+        match tokio::time::timeout_at(deadline, ev.poll()).await {
+            Err(_) => break,
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                if p.payload.is_empty() {
+                    got.remove(&p.topic);
+                } else {
+                    got.insert(p.topic.clone(), p.payload.to_vec());
+                }
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("observer lost the broker at {url}: {e}"),
+        }
+    }
+    let _ = client.disconnect().await;
+    got
+}
+
+/// A device stand-in: an MQTT client with the device's last will.
+pub struct FakeDevice {
+    pub id: String,
+    pub client: AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeDevice {
+    pub async fn connect(url: &str, id: &str) -> FakeDevice {
+        let mut o = mqtt_options(url, id);
+        o.set_last_will(LastWill::new(
+            wpm_manifests::Topic::Presence(id).render(),
+            wpm_manifests::encode(&wpm_manifests::Presence { online: false }),
+            QoS::AtLeastOnce,
+            false,
+        ));
+        let (client, mut ev) = AsyncClient::new(o, 100);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut tx = Some(tx);
+            loop {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        if let Some(tx) = tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(_) => {}
+                    // Disconnected (cut_power, disconnect): the test sees the effects.
+                    Err(_) => break,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .expect("fake device connects")
+            .unwrap();
+        FakeDevice {
+            id: id.to_string(),
+            client,
+            task,
+        }
+    }
+
+    pub async fn publish(&self, topic: String, payload: Vec<u8>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+
+    /// Drops the connection without DISCONNECT, so the broker sends the last will.
+    pub fn cut_power(self) {
+        self.task.abort();
+    }
+}
+
+/// Polls `f` until it returns Some or `timeout` passes.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
