@@ -1,0 +1,106 @@
+//! The PC device simulator: the same sans-IO [`wpm_device_pm::Device`] core the firmware
+//! runs, driven by tokio and a real MQTT connection (rumqttc), on a simulated NOR flash.
+//!
+//! Each simulated device is one tokio task owning one MQTT connection, with its own
+//! client id (= device id) and last will. The task is the device's "firmware main loop":
+//! it feeds the core link, message and timer inputs and carries out the core's outputs.
+//! Flash images can be kept in a state directory so a restarted simulator resumes where
+//! its devices stood, as real devices do after a reboot.
+
+mod device;
+
+pub use device::SimDevice;
+
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// How to run a fleet of simulated devices.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// `mqtt://host:port` of the broker the devices connect to.
+    pub broker_url: String,
+    /// Registry public keys the devices trust.
+    pub trusted_keys: Vec<[u8; 32]>,
+    /// Group tags every device of this fleet carries.
+    pub groups: Vec<String>,
+    /// Device ids are `{id_prefix}-{index:04}`.
+    pub id_prefix: String,
+    pub devices: usize,
+    /// Runtime slots per device.
+    pub slots: usize,
+    /// Simulated flash size per device, bytes (the nRF9160 has 1 MiB, part of it firmware).
+    pub flash_size: usize,
+    /// Keep each device's flash image here across runs (`{id}.flash`).
+    pub state_dir: Option<PathBuf>,
+    /// Scheduler period of every device.
+    pub turn_interval_ms: u64,
+}
+
+impl FleetConfig {
+    pub fn new(broker_url: impl Into<String>, trusted_keys: Vec<[u8; 32]>) -> Self {
+        Self {
+            broker_url: broker_url.into(),
+            trusted_keys,
+            groups: Vec::new(),
+            id_prefix: "sim".into(),
+            devices: 1,
+            slots: 4,
+            flash_size: 512 * 1024,
+            state_dir: None,
+            turn_interval_ms: 1000,
+        }
+    }
+
+    /// The id of device number `index`.
+    pub fn device_id(&self, index: usize) -> String {
+        format!("{}-{index:04}", self.id_prefix)
+    }
+}
+
+/// A running fleet of simulated devices.
+pub struct Fleet {
+    ids: Vec<String>,
+    cancel: CancellationToken,
+    tasks: JoinSet<Result<()>>,
+}
+
+impl Fleet {
+    /// Boots every device (from its saved flash image if there is one) and connects it.
+    pub async fn start(config: FleetConfig) -> Result<Fleet> {
+        anyhow::ensure!(
+            !config.trusted_keys.is_empty(),
+            "a device must trust at least one registry key"
+        );
+        if let Some(dir) = &config.state_dir {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let mut ids = Vec::with_capacity(config.devices);
+        for index in 0..config.devices {
+            let device = SimDevice::boot(&config, config.device_id(index))?;
+            ids.push(device.id().to_string());
+            tasks.spawn(device.run(cancel.clone()));
+        }
+        Ok(Fleet { ids, cancel, tasks })
+    }
+
+    pub fn device_ids(&self) -> &[String] {
+        &self.ids
+    }
+
+    /// Powers every device off gracefully: each says it goes offline, then its flash
+    /// image is saved (when a state directory is set).
+    pub async fn stop(mut self) -> Result<()> {
+        self.cancel.cancel();
+        let mut first_error = None;
+        while let Some(joined) = self.tasks.join_next().await {
+            if let Err(e) = joined.context("device task panicked").and_then(|r| r) {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
