@@ -1,0 +1,5 @@
+;; Loops forever in every turn: only fuel metering stops it.
+(module
+  (memory (export "memory") 1)
+  (func (export "wpm_init") (result i32) (i32.const 0))
+  (func (export "wpm_tick") (loop $forever (br $forever))))

@@ -1,0 +1,5 @@
+;; Traps (unreachable) on every turn.
+(module
+  (memory (export "memory") 1)
+  (func (export "wpm_init") (result i32) (i32.const 0))
+  (func (export "wpm_tick") unreachable))
