@@ -92,3 +92,13 @@ pub fn event() -> Event {
         },
     }
 }
+
+pub fn command() -> Command {
+    Command {
+        device: "dev-0001".to_string(),
+        sequence: 43,
+        issued_at: 1_790_000_100,
+        expires_at: 1_790_000_400,
+        action: Action::Stop("hello".to_string()),
+    }
+}

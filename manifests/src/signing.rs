@@ -5,7 +5,7 @@
 //! signed message is `context || body`, where the context names the body's type: a
 //! signature over a module manifest can never be passed off as one over a deployment.
 
-use crate::types::{Deployment, ModuleManifest};
+use crate::types::{Command, Deployment, ModuleManifest};
 use crate::DecodeError;
 use alloc::vec::Vec;
 use core::fmt;
@@ -41,6 +41,10 @@ pub trait SignedBody: Encode<()> + for<'b> Decode<'b, ()> {
 
 impl SignedBody for Deployment {
     const CONTEXT: &'static [u8] = b"wpm/v1/deployment\0";
+}
+
+impl SignedBody for Command {
+    const CONTEXT: &'static [u8] = b"wpm/v1/command\0";
 }
 
 impl SignedBody for ModuleManifest {

@@ -10,6 +10,7 @@
 //! wpm/v1/device/{device}/presence         retained Presence (offline = last will)
 //! wpm/v1/device/{device}/events           Event
 //! wpm/v1/device/{device}/telemetry/{mod}  module telemetry, bytes as the module gave them
+//! wpm/v1/device/{device}/command          signed Command (not retained)
 //! ```
 //!
 //! Modules are addressed by content (sha256), so the same bytes deployed under two names
@@ -32,6 +33,7 @@ pub enum Topic<'a> {
     Presence(&'a str),
     Events(&'a str),
     Telemetry(&'a str, &'a str),
+    Command(&'a str),
 }
 
 impl Topic<'_> {
@@ -47,6 +49,7 @@ impl Topic<'_> {
             Topic::Presence(d) => format!("{PREFIX}/device/{d}/presence"),
             Topic::Events(d) => format!("{PREFIX}/device/{d}/events"),
             Topic::Telemetry(d, m) => format!("{PREFIX}/device/{d}/telemetry/{m}"),
+            Topic::Command(d) => format!("{PREFIX}/device/{d}/command"),
         }
     }
 }

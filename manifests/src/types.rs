@@ -220,7 +220,14 @@ pub struct Event {
     pub kind: EventKind,
 }
 
+/// With the `serde` feature this serializes as one flat object tagged by `kind`, e.g.
+/// `{"kind":"trapped","module":"hello","version":"1.0.0","reason":"out of fuel"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, CborLen)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(tag = "kind", rename_all = "snake_case")
+)]
 pub enum EventKind {
     #[n(0)]
     ManifestAccepted {
@@ -302,6 +309,117 @@ pub enum EventKind {
         #[n(1)]
         reason: String,
     },
+    /// A lifecycle command was carried out.
+    #[n(10)]
+    CommandApplied {
+        #[n(0)]
+        sequence: u64,
+        #[n(1)]
+        action: Action,
+    },
+    /// A lifecycle command was refused (bad signature, replay, expired, unknown module…).
+    #[n(11)]
+    CommandRejected {
+        #[n(0)]
+        sequence: u64,
+        #[n(1)]
+        reason: String,
+    },
+    /// A module's state was snapshotted and its slot given to another module.
+    #[n(12)]
+    Evicted {
+        #[n(0)]
+        module: String,
+        #[n(1)]
+        version: String,
+        /// Where the snapshot went: "ram" or "flash".
+        #[n(2)]
+        to: String,
+    },
+    /// An evicted module was restored from its snapshot and continues.
+    #[n(13)]
+    Restored {
+        #[n(0)]
+        module: String,
+        #[n(1)]
+        version: String,
+    },
+    /// A new version failed its health check; the previous one runs again.
+    #[n(14)]
+    RolledBack {
+        #[n(0)]
+        module: String,
+        #[n(1)]
+        from_version: String,
+        #[n(2)]
+        to_version: String,
+        #[n(3)]
+        reason: String,
+    },
+}
+
+/// What an operator can ask of one module on one device.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, CborLen)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(tag = "verb", content = "module", rename_all = "snake_case")
+)]
+pub enum Action {
+    #[n(0)]
+    Start(#[n(0)] String),
+    #[n(1)]
+    Stop(#[n(0)] String),
+    #[n(2)]
+    Pin(#[n(0)] String),
+    #[n(3)]
+    Unpin(#[n(0)] String),
+    #[n(4)]
+    Evict(#[n(0)] String),
+}
+
+impl Action {
+    /// The module the action is about.
+    pub fn module(&self) -> &str {
+        match self {
+            Action::Start(m)
+            | Action::Stop(m)
+            | Action::Pin(m)
+            | Action::Unpin(m)
+            | Action::Evict(m) => m,
+        }
+    }
+
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Action::Start(_) => "start",
+            Action::Stop(_) => "stop",
+            Action::Pin(_) => "pin",
+            Action::Unpin(_) => "unpin",
+            Action::Evict(_) => "evict",
+        }
+    }
+}
+
+/// A signed lifecycle command for one device, published (not retained) on its command
+/// topic. Signed by the registry key like deployments, because broker access alone must
+/// not let anyone stop a fleet's modules; `sequence` comes from the same registry-wide
+/// counter as deployments, and a device accepts a command only if its sequence is above
+/// the last command it accepted and it has not expired (commands live minutes, not days).
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, CborLen)]
+pub struct Command {
+    #[n(0)]
+    pub device: String,
+    #[n(1)]
+    pub sequence: u64,
+    /// Unix seconds.
+    #[n(2)]
+    pub issued_at: u64,
+    /// Unix seconds.
+    #[n(3)]
+    pub expires_at: u64,
+    #[n(4)]
+    pub action: Action,
 }
 
 impl EventKind {
@@ -318,6 +436,11 @@ impl EventKind {
             EventKind::Trapped { .. } => "trapped",
             EventKind::Removed { .. } => "removed",
             EventKind::MalformedMessage { .. } => "malformed_message",
+            EventKind::CommandApplied { .. } => "command_applied",
+            EventKind::CommandRejected { .. } => "command_rejected",
+            EventKind::Evicted { .. } => "evicted",
+            EventKind::Restored { .. } => "restored",
+            EventKind::RolledBack { .. } => "rolled_back",
         }
     }
 }

@@ -23,6 +23,7 @@ fn vectors_match() {
         "module-manifest.sealed.cbor",
         &key.seal(&golden::module_manifest()),
     );
+    check("command.sealed.cbor", &key.seal(&golden::command()));
     check("chunk.cbor", &encode(&golden::chunk()));
     check("status.cbor", &encode(&golden::status()));
     check("event.cbor", &encode(&golden::event()));

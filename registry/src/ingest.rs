@@ -8,7 +8,6 @@
 use crate::db::{self, Db, DeviceModuleWrite, EventWrite, PresenceWrite, StatusWrite};
 use crate::publish::{client_id, drive, wait_connected, MqttSettings};
 use rumqttc::{AsyncClient, Event, Packet, QoS, SubscribeFilter};
-use serde_json::json;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -248,42 +247,12 @@ fn decode_message(m: &Raw, now: i64) -> Result<Decoded, String> {
 
 /// The fields of an event, as the JSON `detail` object of the HTTP API.
 pub fn event_detail(kind: &EventKind) -> serde_json::Value {
-    match kind {
-        EventKind::ManifestAccepted { sequence } => json!({ "sequence": sequence }),
-        EventKind::ManifestRejected { reason } => json!({ "reason": reason }),
-        EventKind::DownloadProgress {
-            module,
-            version,
-            chunks_have,
-            chunks_total,
-        } => json!({
-            "module": module, "version": version,
-            "chunks_have": chunks_have, "chunks_total": chunks_total,
-        }),
-        EventKind::ChunkRejected {
-            module,
-            index,
-            reason,
-        } => json!({ "module": module, "index": index, "reason": reason }),
-        EventKind::Installed { module, version }
-        | EventKind::Started { module, version }
-        | EventKind::Removed { module, version } => {
-            json!({ "module": module, "version": version })
-        }
-        EventKind::InstallFailed {
-            module,
-            version,
-            reason,
-        }
-        | EventKind::Trapped {
-            module,
-            version,
-            reason,
-        } => json!({ "module": module, "version": version, "reason": reason }),
-        EventKind::MalformedMessage { topic, reason } => {
-            json!({ "topic": topic, "reason": reason })
-        }
+    let mut v = serde_json::to_value(kind).unwrap_or_default();
+    // `kind` has its own column; the detail is the rest.
+    if let Some(fields) = v.as_object_mut() {
+        fields.remove("kind");
     }
+    v
 }
 
 #[cfg(test)]
