@@ -1,0 +1,246 @@
+//! `wpm`: the operator's tool. Publish WebAssembly modules to the registry, deploy them to
+//! devices, watch the fleet, and run a registry or a simulated fleet locally.
+
+mod client;
+mod commands;
+mod config;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+
+use crate::commands::{demo, deploy, fleet, publish, sim};
+
+const EXAMPLES: &str = "\
+Examples:
+  wpm demo                                      # registry + 5 simulated devices + hello module
+  wpm publish hello.wat --name hello --version 1.0.0
+  wpm deploy hello@1.0.0 --group eu
+  wpm fleet status --group eu
+  wpm --json fleet status | jq '.devices[].device'
+
+The registry address and API token come from --registry/--token, then WPM_REGISTRY/WPM_TOKEN,
+then the config file (`registry = \"...\"`, `token = \"...\"`), then ./wpm-data/api-token.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "wpm",
+    version,
+    about = "Publish, deploy and watch WebAssembly modules on a fleet of microcontrollers",
+    after_help = EXAMPLES
+)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+// Flags every command accepts (before or after the subcommand). Plain comments, not doc
+// comments: clap would take a doc comment on a flattened struct as the command's about.
+//
+// `--registry`, `--token` and `--config` are not global: `wpm registry serve` has its own
+// `--token` (the token it accepts), so they live in `ConnArgs`, flattened into each
+// command that talks to a registry.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Print machine-readable JSON on stdout instead of tables
+    #[arg(long, global = true, help_heading = "Global options")]
+    pub json: bool,
+
+    /// More log output on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides
+    #[arg(short, long, global = true, action = ArgAction::Count, help_heading = "Global options")]
+    pub verbose: u8,
+
+    /// Only errors on stderr
+    #[arg(
+        short,
+        long,
+        global = true,
+        conflicts_with = "verbose",
+        help_heading = "Global options"
+    )]
+    pub quiet: bool,
+}
+
+// Where the registry is and how to authenticate; on every command that calls it.
+#[derive(Debug, Clone, Args)]
+pub struct ConnArgs {
+    /// Registry HTTP address [default: http://127.0.0.1:8470]
+    #[arg(
+        long,
+        env = "WPM_REGISTRY",
+        value_name = "URL",
+        help_heading = "Registry"
+    )]
+    pub registry: Option<String>,
+
+    /// API token sent as `Authorization: Bearer` (the registry writes it to <data-dir>/api-token)
+    #[arg(
+        long,
+        env = "WPM_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN",
+        help_heading = "Registry"
+    )]
+    pub token: Option<String>,
+
+    /// Config file (TOML with `registry` and `token`) [default: $XDG_CONFIG_HOME/wpm/config.toml]
+    #[arg(long, value_name = "PATH", help_heading = "Registry")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Upload a module (.wasm, or .wat converted on the fly) to the registry
+    #[command(after_help = "Examples:
+  wpm publish hello.wat --name hello --version 1.0.0
+  wpm publish sensor.wasm --name sensor --version 2.1.0 --memory-limit 65536 --priority 10 --pinned")]
+    Publish(publish::PublishArgs),
+
+    /// Deploy a published module to a group, one device or the whole fleet
+    #[command(after_help = "Examples:
+  wpm deploy hello@1.0.0 --group eu
+  wpm deploy hello@1.0.0 --device dev-17
+  wpm deploy hello@1.0.0 --fleet")]
+    Deploy(deploy::DeployArgs),
+
+    /// Fleet-wide views
+    #[command(subcommand)]
+    Fleet(FleetCommand),
+
+    /// Modules held by the registry
+    #[command(subcommand)]
+    Modules(ModulesCommand),
+
+    /// One device's history
+    #[command(subcommand)]
+    Device(DeviceCommand),
+
+    /// Run the registry (HTTP API, signing, embedded MQTT broker, database)
+    #[command(subcommand)]
+    Registry(RegistryCommand),
+
+    /// Run simulated devices (the real device-pm core under tokio) until Ctrl-C
+    #[command(after_help = "Examples:
+  wpm sim --devices 10 --group eu                  # trust the key from the registry's /v1/keys
+  wpm sim --devices 3 --broker mqtt://10.0.0.5:1883 --trust 3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29")]
+    Sim(sim::SimArgs),
+
+    /// Everything at once on this machine: registry, simulated devices, a deployed module
+    #[command(after_help = "Examples:
+  wpm demo
+  wpm demo --devices 20 --data-dir /tmp/wpm-demo")]
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum FleetCommand {
+    /// Table of devices: online, manifest sequence, modules and their state, slots, errors
+    #[command(after_help = "Examples:
+  wpm fleet status
+  wpm fleet status --group eu --module hello
+  wpm fleet status --json")]
+    Status(fleet::StatusArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum ModulesCommand {
+    /// List every published module version
+    #[command(after_help = "Examples:
+  wpm modules list
+  wpm modules list --json")]
+    List(fleet::ListArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCommand {
+    /// A device's recent events (installs, traps, evictions...), newest first
+    #[command(after_help = "Examples:
+  wpm device events dev-17
+  wpm device events dev-17 --limit 100 --json")]
+    Events(fleet::EventsArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum RegistryCommand {
+    /// Serve the registry HTTP API and MQTT side until Ctrl-C
+    Serve(#[command(flatten)] wpm_registry::ServeArgs),
+}
+
+impl Command {
+    /// Servers are worth hearing from at info level; client commands should stay quiet.
+    fn default_log_level(&self) -> &'static str {
+        match self {
+            Command::Registry(_) => "info",
+            // The embedded broker logs every device disconnect at ERROR when the demo stops;
+            // that is noise for a first-time user (-v or RUST_LOG bring it back).
+            Command::Demo(_) => "warn,rumqttd=off",
+            _ => "warn",
+        }
+    }
+}
+
+fn init_logging(global: &GlobalArgs, default_level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let level = if global.quiet {
+        "error"
+    } else {
+        match global.verbose {
+            0 => default_level,
+            1 => "info",
+            2 => "debug",
+            _ => "trace",
+        }
+    };
+    // RUST_LOG wins when set so one can aim at a single crate (RUST_LOG=wpm_registry=debug).
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    // try_init: a library started in-process may already have installed a subscriber.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        // Colour codes only for a person at a terminal, not in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Publish(args) => publish::run(g, args).await,
+        Command::Deploy(args) => deploy::run(g, args).await,
+        Command::Fleet(FleetCommand::Status(args)) => fleet::status(g, args).await,
+        Command::Modules(ModulesCommand::List(args)) => fleet::modules_list(g, args).await,
+        Command::Device(DeviceCommand::Events(args)) => fleet::device_events(g, args).await,
+        Command::Registry(RegistryCommand::Serve(args)) => wpm_registry::serve(args).await,
+        Command::Sim(args) => sim::run(g, args).await,
+        Command::Demo(args) => demo::run(g, args).await,
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    // Clap exits with code 2 and its own message on bad arguments.
+    let cli = Cli::parse();
+    init_logging(&cli.global, cli.command.default_log_level());
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            output::print_error(&err);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}
