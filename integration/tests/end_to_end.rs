@@ -23,31 +23,20 @@ async fn publish_deploy_upgrade(backend: Backend) -> anyhow::Result<()> {
         .await?
         .ok()?;
 
-    let started = Instant::now();
-    env.api.deploy("hello", "1.0.0", &group).await?.ok()?;
-    env.api
-        .wait_running(&devices, "hello", "1.0.0", CONVERGE)
-        .await?;
-    println!(
-        "deploy → 3 devices run hello@1.0.0: {:?}",
-        started.elapsed()
-    );
-    telemetry
-        .wait_from_all(&devices, "\"hello\":1", CONVERGE)
-        .await?;
-
-    let started = Instant::now();
-    env.api.deploy("hello", "2.0.0", &group).await?.ok()?;
-    env.api
-        .wait_running(&devices, "hello", "2.0.0", CONVERGE)
-        .await?;
-    println!(
-        "deploy → 3 devices run hello@2.0.0: {:?}",
-        started.elapsed()
-    );
-    telemetry
-        .wait_from_all(&devices, "\"hello\":2", CONVERGE)
-        .await?;
+    // Install v1, then upgrade to v2: each time every device runs it and its telemetry
+    // (which names the version) arrives at the broker.
+    for (version, marker) in [("1.0.0", "\"hello\":1"), ("2.0.0", "\"hello\":2")] {
+        let started = Instant::now();
+        env.api.deploy("hello", version, &group).await?.ok()?;
+        env.api
+            .wait_running(&devices, "hello", version, CONVERGE)
+            .await?;
+        println!(
+            "deploy → 3 devices run hello@{version}: {:?}",
+            started.elapsed()
+        );
+        telemetry.wait_from_all(&devices, marker, CONVERGE).await?;
+    }
 
     // v1 is gone from every device, not running beside v2.
     let status = env.api.fleet_status().await?;
