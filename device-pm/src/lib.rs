@@ -18,7 +18,18 @@
 //!    must pass its health check: `wpm_init` returns 0 and [`HEALTH_TURNS`] ticks run
 //!    without trapping. Then it is confirmed and the old version's bank is freed;
 //!    otherwise the old version is restarted and the new one refused until a newer
-//!    deployment arrives.
+//!    deployment arrives (a `RolledBack` event says why; the old version continues from
+//!    the state it was swapped out with).
+//!
+//! # Slots and eviction
+//!
+//! At most [`Config::slots`] modules are resident, and only while their [`slot_cost`]s
+//! fit [`Limits::ram_budget`]. Each turn every slot gets one fuel slice (see [`runtime`]);
+//! a module that must run when the slots are full takes the place of a victim chosen
+//! by policy, whose state is snapshotted ([`snapshot`]) to the RAM pool or to flash
+//! ([`store`]) and restored when it is its turn again. Signed lifecycle commands start,
+//! stop, pin, unpin and evict modules. The contract modules run under is in
+//! `docs/host-api.md`.
 #![no_std]
 
 extern crate alloc;
@@ -26,6 +37,7 @@ extern crate alloc;
 pub mod download;
 pub mod runtime;
 pub mod sim_flash;
+pub mod snapshot;
 pub mod store;
 
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -34,11 +46,12 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use download::{Download, Rejection};
 use embedded_storage::nor_flash::NorFlash;
-use runtime::{HostCall, Instance, Runtime};
-use store::{Installed, Refused, Staging, Store};
+use runtime::{HostCall, Instance, Runtime, Slice};
+use snapshot::Snapshot;
+use store::{Installed, PinOverride, Refused, Staging, Store};
 use wpm_manifests::{
-    Chunk, Deployment, DeviceStatus, Event, EventKind, ModuleManifest, ModuleRef, ModuleState,
-    ModuleStatus, Presence, Target, Topic, TrustedKeys,
+    Action, Chunk, Command, Deployment, DeviceStatus, Event, EventKind, ModuleManifest, ModuleRef,
+    ModuleState, ModuleStatus, Presence, Target, Topic, TrustedKeys,
 };
 
 pub use store::StoreError;
@@ -52,7 +65,8 @@ pub struct Config {
     pub device_id: String,
     pub groups: Vec<String>,
     pub trusted_keys: Vec<[u8; 32]>,
-    /// Number of wasmi runtime slots.
+    /// Most wasmi runtime slots; fewer are used when the modules' RAM reservations
+    /// (see [`Limits::ram_budget`]) do not fit.
     pub slots: usize,
     /// Most chunk requests in flight.
     pub chunk_window: usize,
@@ -68,17 +82,32 @@ pub struct Limits {
     /// Size of one module bank in flash: the largest module the device can take. Fixed
     /// for the life of the flash contents (it is stored and checked at boot).
     pub bank_size: u32,
-    /// RAM set aside for modules; status reports an estimate of what is left of it.
+    /// RAM for runtime slots. A module takes a slot only if its reservation
+    /// ([`slot_cost`]: memory limit, compiled code, store) fits next to the others';
+    /// status reports what is left.
     pub ram_budget: u32,
+    /// RAM for snapshots of evicted modules; a snapshot that does not fit goes to flash.
+    pub snapshot_pool: u32,
 }
 
 impl Default for Limits {
+    /// 112 KiB of slots and 16 KiB of snapshots: 128 of the nRF9160 app's 192 KiB.
     fn default() -> Self {
         Self {
             bank_size: 64 * 1024,
-            ram_budget: 128 * 1024,
+            ram_budget: 112 * 1024,
+            snapshot_pool: 16 * 1024,
         }
     }
+}
+
+/// RAM a slot running `module` reserves: its memory limit, twice the wasm size for the
+/// compiled code (wasmi keeps more than the file, see TARGET-FACTS) and 4 KiB of store.
+pub fn slot_cost(module: &ModuleRef) -> u32 {
+    module
+        .memory_limit
+        .saturating_add(module.size.saturating_mul(2))
+        .saturating_add(4096)
 }
 
 /// Something that happened to the device.
@@ -116,8 +145,12 @@ pub enum Output {
 struct Slot {
     module: ModuleRef,
     instance: Instance,
-    /// Turns survived since it was started.
+    /// Turns survived since it was first started (kept across eviction).
     turns: u32,
+    /// Scheduler turn in which it got this slot.
+    loaded_turn: u64,
+    /// Scheduler turn in which a call of it last returned: the "use" of LRU.
+    returned_turn: u64,
 }
 
 /// The device package manager.
@@ -129,6 +162,11 @@ pub struct Device<F> {
     store: Store<F>,
     runtime: Runtime,
     slots: Vec<Slot>,
+    /// Snapshots of evicted (or swapped-out) modules kept in RAM, by module sha256.
+    ram_snapshots: BTreeMap<[u8; 32], Vec<u8>>,
+    /// Scheduler turns so far this boot.
+    turn: u64,
+    command_topic: String,
     download: Option<Download>,
     /// Why a module ended, by sha256; such a module is not restarted before the next
     /// boot or the next accepted deployment.
@@ -173,6 +211,7 @@ impl<F: NorFlash> Device<F> {
         let mut targets = alloc::vec![Target::Fleet];
         targets.extend(config.groups.iter().cloned().map(Target::Group));
         targets.push(Target::Device(config.device_id.clone()));
+        let command_topic = Topic::Command(&config.device_id).render();
         let mut device = Self {
             keys: TrustedKeys::new(&config.trusted_keys),
             deploy_topics: targets
@@ -186,6 +225,9 @@ impl<F: NorFlash> Device<F> {
             store,
             runtime: Runtime::new(),
             slots: Vec::new(),
+            ram_snapshots: BTreeMap::new(),
+            turn: 0,
+            command_topic,
             download: None,
             failed: BTreeMap::new(),
             reported_replays: BTreeSet::new(),
@@ -223,7 +265,7 @@ impl<F: NorFlash> Device<F> {
 
     /// Unix ms at which to deliver [`Input::Timer`].
     pub fn next_timer(&self) -> Option<u64> {
-        let turn = (!self.slots.is_empty()).then_some(self.next_turn_ms);
+        let turn = self.needs_turns().then_some(self.next_turn_ms);
         let status = self.link_up.then_some(self.next_status_ms);
         let download = self.download.as_ref().and_then(Download::next_deadline);
         [turn, status, download].into_iter().flatten().min()
@@ -251,10 +293,15 @@ impl<F: NorFlash> Device<F> {
             .iter()
             .map(|i| {
                 let failure = self.failed.get(&sha(&i.module));
+                let name_resident = self.slots.iter().any(|s| s.module.name == i.module.name);
                 let s = if self.slot_of(&i.module.sha256).is_some() {
                     ModuleState::Running
                 } else if failure.is_some() {
                     ModuleState::Failed
+                } else if state.stopped.contains(&i.module.name) {
+                    ModuleState::Stopped
+                } else if self.has_snapshot(&i.module.sha256) && !name_resident {
+                    ModuleState::Evicted
                 } else {
                     ModuleState::Installed
                 };
@@ -288,13 +335,24 @@ impl<F: NorFlash> Device<F> {
         self.store.into_flash()
     }
 
-    /// An estimate: per slot its linear memory, twice the wasm size for the compiled
-    /// code (wasmi keeps more than the file, see TARGET-FACTS) and 4 KiB of store.
+    /// The flash, for its counters (tests, benchmarks).
+    pub fn flash(&self) -> &F {
+        self.store.flash()
+    }
+
+    /// The flash, to arm a simulated power cut (tests).
+    pub fn flash_mut(&mut self) -> &mut F {
+        self.store.flash_mut()
+    }
+
+    /// RAM the slots reserve ([`slot_cost`] each).
     fn ram_used(&self) -> u32 {
-        self.slots
-            .iter()
-            .map(|s| s.instance.memory_bytes() as u32 + 2 * s.module.size + 4096)
-            .sum()
+        self.slots.iter().map(|s| slot_cost(&s.module)).sum()
+    }
+
+    fn has_snapshot(&self, digest: &[u8; 32]) -> bool {
+        self.ram_snapshots.contains_key(digest)
+            || (self.store.state().snapshots.iter()).any(|s| *s.module == *digest)
     }
 
     // ---- outputs ----
@@ -374,6 +432,7 @@ impl<F: NorFlash> Device<F> {
         for topic in self.deploy_topics.clone() {
             self.subscribe(topic);
         }
+        self.subscribe(self.command_topic.clone());
         let presence = Topic::Presence(&self.config.device_id).render();
         self.publish(
             presence,
@@ -395,6 +454,9 @@ impl<F: NorFlash> Device<F> {
         if self.deploy_topics.iter().any(|t| t == topic) {
             return self.on_deployment(payload);
         }
+        if topic == self.command_topic {
+            return self.on_command(payload);
+        }
         match wpm_manifests::topic::parse_module_topic(topic) {
             Some(wpm_manifests::topic::ModuleTopic::Manifest(digest)) => {
                 self.on_module_manifest(&digest, payload)
@@ -408,7 +470,7 @@ impl<F: NorFlash> Device<F> {
 
     fn on_timer(&mut self) {
         let now = self.now_ms;
-        if !self.slots.is_empty() && now >= self.next_turn_ms {
+        if self.needs_turns() && now >= self.next_turn_ms {
             self.next_turn_ms = now + self.config.turn_interval_ms;
             self.run_turn();
         }
@@ -476,7 +538,7 @@ impl<F: NorFlash> Device<F> {
         let committed = self.store.update(|s| {
             s.sequence = sequence;
             // Limits and priority may change for bytes already installed; a running
-            // instance keeps the old ones until it is next started.
+            // instance keeps the old ones until it is next loaded.
             for i in &mut s.installed {
                 let same = |m: &&ModuleRef| m.sha256 == i.module.sha256 && m.name == i.module.name;
                 if let Some(m) = deployment.modules.iter().find(same) {
@@ -502,7 +564,7 @@ impl<F: NorFlash> Device<F> {
     fn reconcile(&mut self) {
         self.remove_unwanted();
         self.drop_unwanted_download();
-        self.start_modules();
+        self.schedule();
         if self.download.is_none() {
             self.next_download();
         }
@@ -530,14 +592,15 @@ impl<F: NorFlash> Device<F> {
             return;
         }
         let gone: Vec<[u8; 32]> = unwanted.iter().map(|i| sha(&i.module)).collect();
-        if let Err(e) = self
-            .store
-            .update(|s| s.installed.retain(|i| !gone.contains(&sha(&i.module))))
-        {
+        if let Err(e) = self.store.update(|s| {
+            s.installed.retain(|i| !gone.contains(&sha(&i.module)));
+            s.prune_snapshots();
+        }) {
             return self.device_error(format!("could not remove modules: {e}"));
         }
         for i in unwanted {
             self.slots.retain(|s| s.module.sha256 != i.module.sha256);
+            self.ram_snapshots.remove(&sha(&i.module));
             self.event(EventKind::Removed {
                 module: i.module.name,
                 version: i.module.version,
@@ -589,76 +652,308 @@ impl<F: NorFlash> Device<F> {
             .cloned()
     }
 
-    /// Starts, for each installed name, the version that should run, higher priority
-    /// first while slots last. A new version takes the place of the old one here, between
-    /// two scheduler turns.
-    fn start_modules(&mut self) {
-        let mut modules: Vec<&ModuleRef> = (self.store.state().installed.iter())
-            .map(|i| &i.module)
-            .collect();
-        modules.sort_by_key(|m| (!m.pinned, core::cmp::Reverse(m.priority)));
-        let mut names: Vec<String> = Vec::new();
-        for m in modules {
-            if !names.contains(&m.name) {
-                names.push(m.name.clone());
-            }
-        }
-        for name in names {
-            while let Some(target) = self.run_target(&name) {
-                if self.slot_of(&target.module.sha256).is_some() {
-                    break;
-                }
-                self.slots.retain(|s| s.module.name != name);
-                if self.slots.len() >= self.config.slots {
-                    break;
-                }
-                match self.start(&target) {
-                    Ok(()) => break,
-                    Err(reason) if !target.confirmed => self.refuse(&target.module, reason),
-                    Err(reason) => {
-                        self.module_ended(&target.module, reason);
-                        break;
-                    }
-                }
-            }
-        }
+    /// Whether the scheduler has anything to run or to bring back.
+    fn needs_turns(&self) -> bool {
+        !self.slots.is_empty() || !self.ram_snapshots.is_empty() || self.waiting().next().is_some()
     }
 
-    fn start(&mut self, target: &Installed) -> Result<(), String> {
+    /// Installed modules that should be in a slot but are not.
+    fn waiting(&self) -> impl Iterator<Item = Installed> + '_ {
+        self.run_targets()
+            .into_iter()
+            .filter(|i| self.slot_of(&i.module.sha256).is_none())
+    }
+
+    /// For each installed name not stopped by command, the version that should run,
+    /// best first: pinned, then higher priority.
+    fn run_targets(&self) -> Vec<Installed> {
+        let state = self.store.state();
+        let mut names: Vec<&str> = Vec::new();
+        for i in &state.installed {
+            if !names.contains(&i.module.name.as_str()) && !state.stopped.contains(&i.module.name) {
+                names.push(&i.module.name);
+            }
+        }
+        let mut targets: Vec<Installed> = names.iter().filter_map(|n| self.run_target(n)).collect();
+        targets.sort_by_key(|i| {
+            (
+                !state.pinned(&i.module),
+                core::cmp::Reverse(i.module.priority),
+            )
+        });
+        targets
+    }
+
+    fn fits(&self, module: &ModuleRef) -> bool {
+        self.slots.len() < self.config.slots
+            && self.ram_used().saturating_add(slot_cost(module)) <= self.limits.ram_budget
+    }
+
+    /// Brings the slots in line with what should run, between two scheduler turns:
+    /// drops what was stopped or removed, swaps in new versions (and back, on a
+    /// rollback), and gives waiting modules a slot, evicting others when the slots are
+    /// full (at most one eviction round per call, see [`Device::victims_for`]).
+    fn schedule(&mut self) {
+        while self.schedule_pass() {}
+    }
+
+    /// One pass of [`Device::schedule`]; true when a module was refused and the set of
+    /// targets changed, so another pass is needed.
+    fn schedule_pass(&mut self) -> bool {
+        let targets = self.run_targets();
+        let mut i = 0;
+        while i < self.slots.len() {
+            let slot = &self.slots[i];
+            let target = targets.iter().find(|t| t.module.name == slot.module.name);
+            if target.is_some_and(|t| t.module.sha256 == slot.module.sha256) {
+                i += 1;
+                continue;
+            }
+            if target.is_some() && !slot.instance.at_boundary() {
+                // A hot-swap waits for the old version's call to return.
+                i += 1;
+                continue;
+            }
+            let slot = self.slots.remove(i);
+            if target.is_some() {
+                // Swapped out for another version: its state is kept for the new
+                // version to take over and for a rollback.
+                let kept = (slot.instance.snapshot(slot.turns))
+                    .and_then(|snapshot| self.keep_snapshot(&slot.module, &snapshot));
+                if let Err(e) = kept {
+                    self.device_error(format!(
+                        "could not keep the state of {}: {e}",
+                        slot.module.name
+                    ));
+                }
+            }
+        }
+        let mut evicted = false;
+        for target in targets {
+            let m = &target.module;
+            if self.slots.iter().any(|s| s.module.name == m.name) {
+                continue;
+            }
+            if !self.fits(m) {
+                if evicted {
+                    continue;
+                }
+                let Some(victims) = self.victims_for(&target) else {
+                    continue;
+                };
+                for v in victims {
+                    let slot = &self.slots[v];
+                    self.evict(slot.module.sha256.into())
+                        .unwrap_or_else(|e| self.device_error(e));
+                }
+                evicted = true;
+                if !self.fits(m) {
+                    continue;
+                }
+            }
+            match self.place(&target) {
+                Ok(()) => {}
+                Err(reason) if !target.confirmed => {
+                    self.refuse(m, reason);
+                    return true;
+                }
+                Err(reason) => self.module_ended(m, reason),
+            }
+        }
+        false
+    }
+
+    /// Slots to evict so that `waiting` fits, by policy: never a pinned module, nor one
+    /// on probation, nor one mid-call (see [`snapshot`]), nor one of higher priority
+    /// than `waiting`, nor one that got its slot this turn (no thrashing); then lowest
+    /// priority first, then least recently used (oldest returned call, oldest load).
+    /// `None` if no such set makes room.
+    fn victims_for(&self, waiting: &Installed) -> Option<Vec<usize>> {
+        let state = self.store.state();
+        let confirmed = |m: &ModuleRef| {
+            (state.installed.iter()).any(|i| i.module.sha256 == m.sha256 && i.confirmed)
+        };
+        let mut candidates: Vec<usize> = (0..self.slots.len())
+            .filter(|i| {
+                let s = &self.slots[*i];
+                !state.pinned(&s.module)
+                    && confirmed(&s.module)
+                    && s.instance.at_boundary()
+                    && s.module.priority <= waiting.module.priority
+                    && s.loaded_turn < self.turn
+            })
+            .collect();
+        candidates.sort_by_key(|i| {
+            let s = &self.slots[*i];
+            (s.module.priority, s.returned_turn, s.loaded_turn)
+        });
+        let need = slot_cost(&waiting.module);
+        let (mut slots, mut ram) = (self.slots.len(), self.ram_used());
+        let mut victims = Vec::new();
+        for i in candidates {
+            if slots < self.config.slots && ram.saturating_add(need) <= self.limits.ram_budget {
+                break;
+            }
+            slots -= 1;
+            ram -= slot_cost(&self.slots[i].module);
+            victims.push(i);
+        }
+        let room = slots < self.config.slots && ram.saturating_add(need) <= self.limits.ram_budget;
+        // Highest index first, so removing one leaves the others' indices valid.
+        victims.sort_unstable_by(|a, b| b.cmp(a));
+        room.then_some(victims)
+    }
+
+    /// Snapshots the module in the slot of `digest` and frees the slot.
+    fn evict(&mut self, digest: [u8; 32]) -> Result<(), String> {
+        let at = self.slot_of(&digest).ok_or("not running")?;
+        let slot = &self.slots[at];
+        let module = slot.module.clone();
+        let to = (slot.instance.snapshot(slot.turns))
+            .and_then(|snapshot| self.keep_snapshot(&module, &snapshot))
+            .map_err(|e| format!("could not evict {}: {e}", module.name))?;
+        let slot = self.slots.remove(at);
+        self.event(EventKind::Evicted {
+            module: slot.module.name,
+            version: slot.module.version,
+            to: to.into(),
+        });
+        Ok(())
+    }
+
+    /// Keeps `slot`'s state: in the RAM pool if it fits there, else in a flash bank.
+    /// Returns where it went.
+    fn keep_snapshot(
+        &mut self,
+        module: &ModuleRef,
+        snapshot: &Snapshot,
+    ) -> Result<&'static str, String> {
+        let bytes = wpm_manifests::encode(snapshot);
+        let digest = sha(module);
+        self.drop_snapshot(&digest);
+        let pooled: usize = self.ram_snapshots.values().map(Vec::len).sum();
+        if pooled + bytes.len() <= self.limits.snapshot_pool as usize {
+            self.ram_snapshots.insert(digest, bytes);
+            return Ok("ram");
+        }
+        self.store
+            .save_snapshot(&module.sha256, &bytes)
+            .map_err(|e| format!("writing the snapshot to flash: {e}"))?;
+        Ok("flash")
+    }
+
+    /// Forgets the RAM snapshot of `digest`; a flash one is dropped with the next state
+    /// change that replaces it (or when it is restored).
+    fn drop_snapshot(&mut self, digest: &[u8; 32]) {
+        self.ram_snapshots.remove(digest);
+    }
+
+    /// The snapshot of `digest`, from RAM or flash, if there is one to trust. A flash
+    /// snapshot whose bytes fail their sha256 is reported and dropped, never used.
+    fn load_snapshot(&mut self, digest: &[u8; 32]) -> Option<Snapshot> {
+        let bytes = match self.ram_snapshots.get(digest) {
+            Some(bytes) => bytes.clone(),
+            None => match self.store.load_snapshot(digest) {
+                Ok(bytes) => bytes?,
+                Err(e) => {
+                    self.device_error(format!("reading a snapshot: {e}"));
+                    return None;
+                }
+            },
+        };
+        wpm_manifests::decode::<Snapshot>(&bytes).ok()
+    }
+
+    /// Gives `target` a slot: restored from its snapshot if it has one, else loaded
+    /// fresh (taking over its predecessor's state when it is a new version that asks
+    /// for it) and its `wpm_init` started.
+    fn place(&mut self, target: &Installed) -> Result<(), String> {
         let m = &target.module;
         let wasm = self
             .store
             .read(target.bank, 0, m.size as usize)
             .map_err(|e| format!("reading the module from flash: {e}"))?;
-        match self.runtime.start(m, &wasm, self.now_ms) {
-            Ok(mut instance) => {
-                if self.slots.is_empty() {
-                    // The turn timer was idle; the first turn is one period from now.
-                    self.next_turn_ms = self.now_ms + self.config.turn_interval_ms;
+        if let Some(snapshot) = self.load_snapshot(&m.sha256) {
+            match self.runtime.restore(m, &wasm, &snapshot, self.now_ms) {
+                Ok(instance) => {
+                    self.forget_snapshot(&m.sha256);
+                    self.occupy(m, instance, snapshot.turns);
+                    self.event(EventKind::Restored {
+                        module: m.name.clone(),
+                        version: m.version.clone(),
+                    });
+                    return Ok(());
                 }
-                let calls = instance.take_calls();
-                self.host_calls(&m.name, calls);
-                self.slots.push(Slot {
-                    module: m.clone(),
-                    instance,
-                    turns: 0,
-                });
-                self.event(EventKind::Started {
-                    module: m.name.clone(),
-                    version: m.version.clone(),
-                });
-                Ok(())
-            }
-            Err(failed) => {
-                self.host_calls(&m.name, failed.calls);
-                Err(failed.reason)
+                Err(failed) => {
+                    // The snapshot does not fit this module: start it afresh.
+                    self.forget_snapshot(&m.sha256);
+                    self.device_error(format!("restoring {}: {}", m.name, failed.reason));
+                }
             }
         }
+        let mut instance = self.runtime.load(m, &wasm, self.now_ms).map_err(|f| {
+            self.host_calls(&m.name, f.calls);
+            f.reason
+        })?;
+        if !target.confirmed {
+            if let Some(old) = self.predecessor(m) {
+                if let Some(snapshot) = self.load_snapshot(&old.sha256) {
+                    instance
+                        .take_over(&snapshot)
+                        .map_err(|e| format!("wpm_takeover: {e}"))?;
+                }
+            }
+        }
+        let first = instance.run_slice(self.now_ms);
+        let calls = instance.take_calls();
+        self.host_calls(&m.name, calls);
+        first?;
+        self.occupy(m, instance, 0);
+        self.event(EventKind::Started {
+            module: m.name.clone(),
+            version: m.version.clone(),
+        });
+        Ok(())
+    }
+
+    /// Drops the snapshot of `digest` everywhere, now that a slot holds the module.
+    fn forget_snapshot(&mut self, digest: &[u8; 32]) {
+        self.drop_snapshot(digest);
+        if (self.store.state().snapshots.iter()).any(|s| *s.module == *digest) {
+            if let Err(e) = self
+                .store
+                .update(|s| s.snapshots.retain(|x| *x.module != *digest))
+            {
+                self.device_error(format!("could not drop a restored snapshot: {e}"));
+            }
+        }
+    }
+
+    fn occupy(&mut self, m: &ModuleRef, instance: Instance, turns: u32) {
+        if self.next_turn_ms < self.now_ms {
+            // The turn timer was idle; the first turn is one period from now.
+            self.next_turn_ms = self.now_ms + self.config.turn_interval_ms;
+        }
+        self.slots.push(Slot {
+            module: m.clone(),
+            instance,
+            turns,
+            loaded_turn: self.turn,
+            returned_turn: self.turn,
+        });
+    }
+
+    /// The confirmed version of `m`'s name that `m` is replacing.
+    fn predecessor(&self, m: &ModuleRef) -> Option<ModuleRef> {
+        (self.store.state().installed.iter())
+            .find(|i| i.confirmed && i.module.name == m.name && i.module.sha256 != m.sha256)
+            .map(|i| i.module.clone())
     }
 
     /// A confirmed module trapped or could not start: it stays stopped until reboot.
     fn module_ended(&mut self, module: &ModuleRef, reason: String) {
         self.slots.retain(|s| s.module.sha256 != module.sha256);
+        self.drop_snapshot(&sha(module));
         self.failed.insert(sha(module), reason.clone());
         self.last_error = Some(format!("{}@{}: {reason}", module.name, module.version));
         self.event(EventKind::Trapped {
@@ -669,9 +964,14 @@ impl<F: NorFlash> Device<F> {
     }
 
     /// Refuses a module version until a newer deployment: drops it from the installed set
-    /// (and from staging) and reports why.
+    /// (and from staging) and reports why; if it was replacing a confirmed version, that
+    /// one runs again (from the state it was swapped out with) and a rollback is reported.
     fn refuse(&mut self, module: &ModuleRef, reason: String) {
         self.slots.retain(|s| s.module.sha256 != module.sha256);
+        self.drop_snapshot(&sha(module));
+        // Also in RAM: should the record below fail (flash gone), nothing retries it.
+        self.failed.insert(sha(module), reason.clone());
+        let previous = self.predecessor(module);
         let digest = module.sha256;
         let refused = Refused {
             sha256: digest,
@@ -686,6 +986,7 @@ impl<F: NorFlash> Device<F> {
                 s.staging = None;
             }
             s.refused.push(refused);
+            s.prune_snapshots();
         }) {
             self.device_error(format!("could not record a refused module: {e}"));
         }
@@ -693,18 +994,33 @@ impl<F: NorFlash> Device<F> {
         self.event(EventKind::InstallFailed {
             module: module.name.clone(),
             version: module.version.clone(),
-            reason,
+            reason: reason.clone(),
         });
+        if let Some(previous) = previous {
+            self.event(EventKind::RolledBack {
+                module: module.name.clone(),
+                from_version: module.version.clone(),
+                to_version: previous.version,
+                reason,
+            });
+        }
     }
 
-    /// Runs one scheduler turn: every slot gets `wpm_tick` with its fuel.
+    /// Runs one scheduler turn: every slot gets one slice of its fuel (a new call of
+    /// `wpm_tick`, or the rest of a paused call), then waiting modules are scheduled.
     fn run_turn(&mut self) {
+        self.turn += 1;
         let now = self.now_ms;
+        let turn = self.turn;
         let mut outcomes = Vec::new();
         for slot in &mut self.slots {
-            let result = slot.instance.tick(now);
-            if result.is_ok() {
+            let was_initialized = slot.instance.initialized();
+            let result = slot.instance.run_slice(now);
+            if result.is_ok() && was_initialized {
                 slot.turns += 1;
+            }
+            if result == Ok(Slice::Returned) {
+                slot.returned_turn = turn;
             }
             let calls = slot.instance.take_calls();
             outcomes.push((slot.module.clone(), slot.turns, calls, result));
@@ -714,15 +1030,13 @@ impl<F: NorFlash> Device<F> {
             let candidate = (self.store.state().installed.iter())
                 .any(|i| i.module.sha256 == module.sha256 && !i.confirmed);
             match result {
-                Ok(()) if candidate && turns >= HEALTH_TURNS => self.confirm(&module),
-                Ok(()) => {}
-                Err(reason) if candidate => {
-                    self.refuse(&module, format!("health check: {reason}"));
-                    self.start_modules();
-                }
+                Ok(_) if candidate && turns >= HEALTH_TURNS => self.confirm(&module),
+                Ok(_) => {}
+                Err(reason) if candidate => self.refuse(&module, format!("health check: {reason}")),
                 Err(reason) => self.module_ended(&module, reason),
             }
         }
+        self.schedule();
     }
 
     /// A new version passed its health check: the old versions of its name go.
@@ -737,15 +1051,132 @@ impl<F: NorFlash> Device<F> {
             for i in &mut s.installed {
                 i.confirmed |= i.module.sha256 == module.sha256;
             }
+            s.prune_snapshots();
         }) {
             return self.device_error(format!("could not confirm {}: {e}", module.name));
         }
         for m in old {
+            self.drop_snapshot(&sha(&m));
             self.event(EventKind::Removed {
                 module: m.name,
                 version: m.version,
             });
         }
+    }
+
+    // ---- lifecycle commands ----
+
+    /// A signed command on this device's command topic: checked like a deployment
+    /// (signature by a trusted key, addressed to this device, sequence above the last
+    /// accepted command's, not expired), then applied, the sequence persisted with it.
+    fn on_command(&mut self, payload: &[u8]) {
+        let command = match self.keys.open::<Command>(payload) {
+            Ok(c) => c,
+            Err(e) => return self.command_rejected(0, e.to_string()),
+        };
+        let sequence = command.sequence;
+        if command.device != self.config.device_id {
+            return self.command_rejected(
+                sequence,
+                format!(
+                    "command addresses device {}, not this device",
+                    command.device
+                ),
+            );
+        }
+        let accepted = self.store.state().command_sequence;
+        if sequence <= accepted {
+            return self.command_rejected(
+                sequence,
+                format!("replayed command: sequence {sequence} is not above accepted {accepted}"),
+            );
+        }
+        if command.expires_at.saturating_mul(1000) <= self.now_ms {
+            return self.command_rejected(
+                sequence,
+                format!(
+                    "expired at {} (unix s), device clock {} ms",
+                    command.expires_at, self.now_ms
+                ),
+            );
+        }
+        let name = command.action.module().to_string();
+        let state = self.store.state();
+        let Some(installed) = state
+            .installed
+            .iter()
+            .find(|i| i.module.name == name)
+            .cloned()
+        else {
+            return self.command_rejected(sequence, format!("module {name} is not installed"));
+        };
+        if let Action::Evict(_) = command.action {
+            let slot = self.slots.iter().find(|s| s.module.name == name);
+            let refusal = match slot {
+                None => Some("it is not running"),
+                Some(s) if state.pinned(&s.module) => Some("it is pinned"),
+                Some(s) if !s.instance.at_boundary() => Some("it is in the middle of a call"),
+                Some(_) => None,
+            };
+            if let Some(why) = refusal {
+                return self.command_rejected(sequence, format!("cannot evict {name}: {why}"));
+            }
+        }
+        let action = command.action.clone();
+        let recorded = self.store.update(|s| {
+            s.command_sequence = sequence;
+            match &action {
+                Action::Start(n) => s.stopped.retain(|x| x != n),
+                Action::Stop(n) if !s.stopped.contains(n) => s.stopped.push(n.clone()),
+                Action::Pin(n) | Action::Unpin(n) => {
+                    s.pins.retain(|p| p.name != *n);
+                    s.pins.push(PinOverride {
+                        name: n.clone(),
+                        pinned: matches!(action, Action::Pin(_)),
+                    });
+                }
+                Action::Stop(_) | Action::Evict(_) => {}
+            }
+        });
+        if let Err(e) = recorded {
+            return self.command_rejected(sequence, format!("could not store the command: {e}"));
+        }
+        match &command.action {
+            Action::Evict(_) => {
+                if let Err(e) = self.evict(sha(&installed.module)) {
+                    return self.command_rejected(sequence, e);
+                }
+            }
+            Action::Stop(n) => {
+                // A stopped module starts afresh: its state is not kept.
+                let stopped: Vec<[u8; 32]> = (self.slots.iter())
+                    .filter(|s| s.module.name == *n)
+                    .map(|s| sha(&s.module))
+                    .collect();
+                self.slots.retain(|s| s.module.name != *n);
+                for d in stopped {
+                    self.forget_snapshot(&d);
+                }
+            }
+            Action::Start(_) => {
+                // An operator's start also clears a failure from this boot.
+                self.failed.retain(|d, _| *d != sha(&installed.module));
+            }
+            Action::Pin(_) | Action::Unpin(_) => {}
+        }
+        let evicted = matches!(command.action, Action::Evict(_));
+        self.event(EventKind::CommandApplied {
+            sequence,
+            action: command.action,
+        });
+        if !evicted {
+            self.schedule();
+        }
+    }
+
+    fn command_rejected(&mut self, sequence: u64, reason: String) {
+        self.last_error = Some(reason.clone());
+        self.event(EventKind::CommandRejected { sequence, reason });
     }
 
     // ---- downloads ----
@@ -757,6 +1188,7 @@ impl<F: NorFlash> Device<F> {
             let next = state.desired.iter().find(|m| {
                 !state.installed.iter().any(|i| i.module.sha256 == m.sha256)
                     && !state.refused.iter().any(|r| r.sha256 == m.sha256)
+                    && !self.failed.contains_key(&*m.sha256)
             });
             let Some(module) = next.cloned() else { return };
             match self.begin_download(&module) {
@@ -792,18 +1224,20 @@ impl<F: NorFlash> Device<F> {
             None => {
                 let bank = self
                     .store
-                    .bank_for_staging()
+                    .free_bank(true)
                     .ok_or_else(|| "no free flash bank".to_string())?;
+                let next = self.store.after(bank);
                 // Erase before the record names the bank: a cut in between leaves a
                 // bank nobody refers to, never a record pointing at stale bytes.
                 self.store
-                    .erase_bank(bank)
+                    .erase_bank(bank, module.size)
                     .and_then(|()| {
                         self.store.update(|s| {
                             s.staging = Some(Staging {
                                 module: module.clone(),
                                 bank,
-                            })
+                            });
+                            s.next_bank = next;
                         })
                     })
                     .map_err(|e| format!("preparing the staging bank: {e}"))?;

@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use wpm_device_pm::runtime::MAX_SLICES_PER_CALL;
 use wpm_device_pm::{Input, Output, HEALTH_TURNS};
 use wpm_manifests::{golden, EventKind, KeyPair, Presence, Topic};
 
@@ -379,9 +380,25 @@ fn trapping_module_is_reported_and_others_keep_running() {
 }
 
 #[test]
-fn infinite_loop_ends_by_fuel() {
-    let w = misbehaving_next_to_healthy("(loop (br 0))");
-    assert_eq!(trap_reason(&w), "out of fuel (10000 per turn)");
+fn infinite_loop_ends_by_fuel_and_never_blocks_the_others() {
+    let mut w = World::new();
+    let good = w.publish_module("good", "1.0.0", &wasm("ok", 0, ""));
+    let bad = w.publish_module(
+        "bad",
+        "1.0.0",
+        &wasm("no", 0, &from_turn_5("(loop (br 0))")),
+    );
+    w.deploy(vec![good, bad]);
+    w.advance(TURN_MS * 5);
+    w.clear_sent();
+    // The looping call is paused by fuel each turn; the good module runs every turn.
+    w.advance(TURN_MS * (MAX_SLICES_PER_CALL as u64 + 1));
+    assert_eq!(w.telemetry("good").len(), MAX_SLICES_PER_CALL as usize + 1);
+    assert_eq!(w.dev().status().slots_used, 1);
+    assert_eq!(
+        trap_reason(&w),
+        format!("out of fuel: a call did not return within {MAX_SLICES_PER_CALL} turns of 10000")
+    );
 }
 
 #[test]
@@ -401,6 +418,7 @@ fn init_that_loops_forever_fails_the_install() {
     .unwrap();
     let m = w.publish_module("spin", "1.0.0", &spin);
     w.deploy(vec![m]);
+    w.advance(TURN_MS * MAX_SLICES_PER_CALL as u64);
     assert!(has_event(&w, |e| matches!(e,
         EventKind::InstallFailed { reason, .. } if reason.contains("out of fuel"))));
     assert_eq!(w.dev().status().slots_used, 0);

@@ -8,7 +8,7 @@ use wpm_device_pm::StoreError;
 const BANK: u32 = 8192;
 
 fn flash() -> SimFlash {
-    SimFlash::new(2 * 4096 + 2 * BANK as usize)
+    SimFlash::new(4 * 4096 + 2 * BANK as usize)
 }
 
 #[test]
@@ -22,9 +22,10 @@ fn blank_flash_is_an_empty_state() {
 #[test]
 fn newest_record_wins_and_a_torn_one_is_ignored() {
     let mut store = Store::open(flash(), BANK).unwrap();
-    store.update(|s| s.sequence = 1).unwrap(); // page A
-    store.update(|s| s.sequence = 2).unwrap(); // page B
-    store.update(|s| s.sequence = 3).unwrap(); // page A again
+    // Appended one after the other in the first ring page.
+    store.update(|s| s.sequence = 1).unwrap();
+    store.update(|s| s.sequence = 2).unwrap();
+    store.update(|s| s.sequence = 3).unwrap();
     let bytes = store.into_flash().as_bytes().to_vec();
     assert_eq!(
         Store::open(SimFlash::from_bytes(bytes.clone()), BANK)
@@ -33,17 +34,24 @@ fn newest_record_wins_and_a_torn_one_is_ignored() {
             .sequence,
         3
     );
-    // Tear the newest record (page A): boot falls back to the one before.
+    // Tear the newest record (its CRC, the last written byte): boot falls back to the
+    // one before, and appends the next record on a fresh page, not over the torn one.
     let mut torn = bytes;
-    torn[20] ^= 0x01;
-    let store = Store::open(SimFlash::from_bytes(torn), BANK).unwrap();
+    let last = torn[..4096].iter().rposition(|b| *b != 0xFF).unwrap();
+    torn[last] ^= 0x01;
+    let mut store = Store::open(SimFlash::from_bytes(torn), BANK).unwrap();
     assert_eq!(store.state().sequence, 2);
+    store.update(|s| s.sequence = 4).unwrap();
+    let flash = store.into_flash();
+    assert_eq!(flash.page_erases()[..2], [0, 1]);
+    let store = Store::open(SimFlash::from_bytes(flash.as_bytes().to_vec()), BANK).unwrap();
+    assert_eq!(store.state().sequence, 4);
 }
 
 #[test]
 fn chunks_round_trip_with_padding() {
     let mut store = Store::open(flash(), BANK).unwrap();
-    store.erase_bank(1).unwrap();
+    store.erase_bank(1, BANK).unwrap();
     store.write(1, 0, b"hello").unwrap();
     store.write(1, 8, b"wasm").unwrap();
     assert_eq!(store.read(1, 0, 5).unwrap(), b"hello");
@@ -56,10 +64,10 @@ fn chunks_round_trip_with_padding() {
     let mut expect = b"hello\xff\xff\xffwasm".to_vec();
     expect.truncate(12);
     assert_eq!(store.digest(1, 12).unwrap(), wpm_manifests::sha256(&expect));
-    // Bank 1 is the second bank, after the two state pages and bank 0.
+    // Bank 1 is the second bank, after the four state pages and bank 0.
     let flash = store.into_flash();
-    assert_eq!(&flash.as_bytes()[8192 + 8192..][..5], b"hello");
-    assert_eq!(flash.capacity(), 2 * 4096 + 2 * BANK as usize);
+    assert_eq!(&flash.as_bytes()[4 * 4096 + 8192..][..5], b"hello");
+    assert_eq!(flash.capacity(), 4 * 4096 + 2 * BANK as usize);
 }
 
 #[test]

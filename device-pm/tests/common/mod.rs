@@ -8,8 +8,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use wpm_device_pm::sim_flash::SimFlash;
 use wpm_device_pm::{Config, Device, Input, Limits, Output};
 use wpm_manifests::{
-    encode, golden, Chunk, Deployment, Event, EventKind, KeyPair, ModuleManifest, ModuleRef,
-    Target, Topic,
+    encode, golden, Action, Chunk, Command, Deployment, Event, EventKind, KeyPair, ModuleManifest,
+    ModuleRef, Target, Topic,
 };
 
 pub const DEVICE: &str = "dev-1";
@@ -17,12 +17,14 @@ pub const DEVICE: &str = "dev-1";
 pub const T0: u64 = 1_790_000_000_000;
 pub const CHUNK_SIZE: u32 = 64;
 pub const TURN_MS: u64 = 1_000;
+/// Room for three slots of the test modules (64 KiB memory limit each).
 pub const LIMITS: Limits = Limits {
     bank_size: 8192,
-    ram_budget: 128 * 1024,
+    ram_budget: 3 * 72 * 1024,
+    snapshot_pool: 16 * 1024,
 };
-/// Two state pages and five banks.
-pub const FLASH_SIZE: usize = 2 * 4096 + 5 * 8192;
+/// The state ring and five banks.
+pub const FLASH_SIZE: usize = 4 * 4096 + 5 * 8192;
 
 pub fn config() -> Config {
     Config {
@@ -78,12 +80,19 @@ pub struct World {
     pub sent: Vec<Output>,
     queue: VecDeque<(String, Vec<u8>)>,
     sequence: u64,
+    config: Config,
+    limits: Limits,
 }
 
 impl World {
     /// A fresh device with blank flash, link up.
     pub fn new() -> Self {
-        let dev = Device::with_limits(config(), LIMITS, SimFlash::new(FLASH_SIZE), T0).unwrap();
+        Self::with(config(), LIMITS)
+    }
+
+    pub fn with(config: Config, limits: Limits) -> Self {
+        let flash = SimFlash::new(FLASH_SIZE);
+        let dev = Device::with_limits(config.clone(), limits, flash, T0).unwrap();
         let mut w = World {
             dev: Some(dev),
             now: T0,
@@ -94,6 +103,8 @@ impl World {
             sent: Vec::new(),
             queue: VecDeque::new(),
             sequence: 0,
+            config,
+            limits,
         };
         w.input(Input::LinkUp);
         w
@@ -101,6 +112,10 @@ impl World {
 
     pub fn dev(&self) -> &Device<SimFlash> {
         self.dev.as_ref().unwrap()
+    }
+
+    pub fn dev_mut(&mut self) -> &mut Device<SimFlash> {
+        self.dev.as_mut().unwrap()
     }
 
     pub fn input(&mut self, input: Input<'_>) {
@@ -251,11 +266,40 @@ impl World {
 
     /// Power cycle: only the flash survives; the link comes back up.
     pub fn reboot(&mut self) {
+        self.reboot_offline();
+        self.input(Input::LinkUp);
+    }
+
+    /// Power cycle, link still down: the device as rebuilt from flash alone.
+    pub fn reboot_offline(&mut self) {
         let flash = self.dev.take().unwrap().into_flash();
         let flash = SimFlash::from_bytes(flash.as_bytes().to_vec());
         self.subscribed.clear();
-        self.dev = Some(Device::with_limits(config(), LIMITS, flash, self.now).unwrap());
-        self.input(Input::LinkUp);
+        let dev = Device::with_limits(self.config.clone(), self.limits, flash, self.now);
+        self.dev = Some(dev.unwrap());
+    }
+
+    /// Sends a lifecycle command signed with the golden key, valid for five minutes.
+    pub fn command(&mut self, action: Action) -> u64 {
+        self.sequence += 1;
+        let c = Command {
+            device: DEVICE.into(),
+            sequence: self.sequence,
+            issued_at: self.now / 1000,
+            expires_at: self.now / 1000 + 300,
+            action,
+        };
+        self.send_command(&golden::key(), &c);
+        c.sequence
+    }
+
+    /// Delivers a command (not retained, like the registry's).
+    pub fn send_command(&mut self, key: &KeyPair, c: &Command) {
+        let topic = Topic::Command(DEVICE).render();
+        if self.subscribed.contains(&topic) {
+            self.queue.push_back((topic, key.seal(c)));
+            self.pump();
+        }
     }
 
     /// Events the device published, decoded, in order.
@@ -312,4 +356,43 @@ pub fn module_state(
     state: &'static str,
 ) -> (String, String, &'static str) {
     (name.into(), version.into(), state)
+}
+
+/// A counter: each turn adds 1 to a hidden (unexported) i64 global and to an i64 at the
+/// end of its 4 KiB memory (custom page size 1), traps if the two ever disagree, and
+/// publishes the count as 8 little-endian bytes. Its snapshot is about 4 KiB. `tag`
+/// only makes the bytes (and so the sha256) differ between counters.
+pub fn counter_wasm(tag: &str) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+          (import "wpm" "telemetry" (func $tel (param i32 i32) (result i32)))
+          (memory (export "memory") 4096 4096 (pagesize 1))
+          (data (i32.const 16) "{tag}")
+          (global $n (mut i64) (i64.const 0))
+          (func (export "wpm_init") (result i32) (i32.const 0))
+          (func (export "wpm_tick")
+            (global.set $n (i64.add (global.get $n) (i64.const 1)))
+            (i64.store (i32.const 4088) (i64.add (i64.load (i32.const 4088)) (i64.const 1)))
+            (if (i64.ne (global.get $n) (i64.load (i32.const 4088))) (then unreachable))
+            (i64.store (i32.const 0) (global.get $n))
+            (drop (call $tel (i32.const 0) (i32.const 8)))))"#
+    ))
+    .unwrap()
+}
+
+/// The counts a counter module published, in order.
+pub fn counts(w: &World, module: &str) -> Vec<u64> {
+    (w.telemetry(module).iter())
+        .map(|t| u64::from_le_bytes(t[..8].try_into().unwrap()))
+        .collect()
+}
+
+/// A module reference fit for [`counter_wasm`].
+pub fn small(mut m: ModuleRef) -> ModuleRef {
+    m.memory_limit = 4096;
+    m
+}
+
+pub fn evict(name: &str) -> Action {
+    Action::Evict(name.into())
 }
