@@ -1,5 +1,5 @@
 ;; Loops forever in every turn: only fuel metering stops it.
 (module
-  (memory (export "memory") 1)
+  (memory (export "memory") 1024 1024 (pagesize 1))
   (func (export "wpm_init") (result i32) (i32.const 0))
   (func (export "wpm_tick") (loop $forever (br $forever))))

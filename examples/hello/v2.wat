@@ -4,7 +4,9 @@
 (module
   (import "wpm" "log" (func $log (param i32 i32 i32)))
   (import "wpm" "telemetry" (func $telemetry (param i32 i32) (result i32)))
-  (memory (export "memory") 1)
+  ;; 1 KiB of linear memory (custom page size): a device with 192 KiB of RAM cannot
+  ;; give every module a 64 KiB page.
+  (memory (export "memory") 1024 1024 (pagesize 1))
   (data (i32.const 0) "hello 2.0.0 started")
   (data (i32.const 64) "{\"hello\":2,\"ticks\":0000000}")
   (global $ticks (mut i32) (i32.const 0))
