@@ -28,8 +28,10 @@
 //! a module that must run when the slots are full takes the place of a victim chosen
 //! by policy, whose state is snapshotted ([`snapshot`]) to the RAM pool or to flash
 //! ([`store`]) and restored when it is its turn again. Signed lifecycle commands start,
-//! stop, pin, unpin and evict modules. The contract modules run under is in
-//! `docs/host-api.md`.
+//! stop, pin, unpin and evict modules: Stop ends a module and drops its state, Evict
+//! snapshots it and holds it evicted (across reboots, as far as the snapshot is in
+//! flash) until a Start command restores it where it was. The contract modules run
+//! under is in `docs/host-api.md`.
 #![no_std]
 
 extern crate alloc;
@@ -298,10 +300,12 @@ impl<F: NorFlash> Device<F> {
                     ModuleState::Running
                 } else if failure.is_some() {
                     ModuleState::Failed
+                } else if self.has_snapshot(&i.module.sha256) && !name_resident {
+                    // Evicted by policy (waiting for a slot) or by command (held until
+                    // a Start command), its state kept either way.
+                    ModuleState::Evicted
                 } else if state.stopped.contains(&i.module.name) {
                     ModuleState::Stopped
-                } else if self.has_snapshot(&i.module.sha256) && !name_resident {
-                    ModuleState::Evicted
                 } else {
                     ModuleState::Installed
                 };
@@ -322,7 +326,7 @@ impl<F: NorFlash> Device<F> {
             sequence: state.sequence,
             modules,
             slots_used: self.slots.len() as u16,
-            slots_total: self.config.slots as u16,
+            slots_total: self.slots_total() as u16,
             flash_free: self.store.free_bytes(),
             ram_free: self.limits.ram_budget.saturating_sub(self.ram_used()),
             last_error: self.last_error.clone(),
@@ -343,6 +347,27 @@ impl<F: NorFlash> Device<F> {
     /// The flash, to arm a simulated power cut (tests).
     pub fn flash_mut(&mut self) -> &mut F {
         self.store.flash_mut()
+    }
+
+    /// Slots the device can have in use at once: [`Config::slots`], fewer when the RAM
+    /// budget cannot hold that many reservations. Counted with the modules that should
+    /// run, cheapest first, and for the slots they leave over, more modules as large as
+    /// the largest of them; so `slots_used <= slots_total` always holds, and a device whose
+    /// modules are too large for its budget shows it before any module waits.
+    fn slots_total(&self) -> usize {
+        let mut costs: Vec<u32> = (self.run_targets().iter())
+            .map(|i| slot_cost(&i.module))
+            .collect();
+        costs.sort_unstable();
+        let largest = costs.last().copied().unwrap_or(0);
+        let mut ram = 0u32;
+        (costs.into_iter().chain(core::iter::repeat(largest)))
+            .take(self.config.slots)
+            .take_while(|cost| {
+                ram = ram.saturating_add(*cost);
+                ram <= self.limits.ram_budget
+            })
+            .count()
     }
 
     /// RAM the slots reserve ([`slot_cost`] each).
@@ -654,7 +679,9 @@ impl<F: NorFlash> Device<F> {
 
     /// Whether the scheduler has anything to run or to bring back.
     fn needs_turns(&self) -> bool {
-        !self.slots.is_empty() || !self.ram_snapshots.is_empty() || self.waiting().next().is_some()
+        // Not for snapshots alone: a module evicted by command waits for a Start command,
+        // not for a turn, and an idle device should sleep.
+        !self.slots.is_empty() || self.waiting().next().is_some()
     }
 
     /// Installed modules that should be in a slot but are not.
@@ -1113,13 +1140,18 @@ impl<F: NorFlash> Device<F> {
         if let Action::Evict(_) = command.action {
             let slot = self.slots.iter().find(|s| s.module.name == name);
             let refusal = match slot {
-                None => Some("it is not running"),
-                Some(s) if state.pinned(&s.module) => Some("it is pinned"),
-                Some(s) if !s.instance.at_boundary() => Some("it is in the middle of a call"),
-                Some(_) => None,
+                None => Err("it is not running"),
+                Some(s) if state.pinned(&s.module) => Err("it is pinned"),
+                Some(s) if !s.instance.at_boundary() => Err("it is in the middle of a call"),
+                Some(s) => Ok(sha(&s.module)),
             };
-            if let Some(why) = refusal {
-                return self.command_rejected(sequence, format!("cannot evict {name}: {why}"));
+            // Evicted before the command is recorded: if the snapshot cannot be kept,
+            // nothing changed and the command is rejected.
+            let evicted = refusal
+                .map_err(|why| format!("cannot evict {name}: {why}"))
+                .and_then(|digest| self.evict(digest));
+            if let Err(reason) = evicted {
+                return self.command_rejected(sequence, reason);
             }
         }
         let action = command.action.clone();
@@ -1127,7 +1159,11 @@ impl<F: NorFlash> Device<F> {
             s.command_sequence = sequence;
             match &action {
                 Action::Start(n) => s.stopped.retain(|x| x != n),
-                Action::Stop(n) if !s.stopped.contains(n) => s.stopped.push(n.clone()),
+                // An evicted module is held like a stopped one, but with its state: it
+                // stays evicted, across reboots, until a Start command restores it.
+                Action::Stop(n) | Action::Evict(n) if !s.stopped.contains(n) => {
+                    s.stopped.push(n.clone())
+                }
                 Action::Pin(n) | Action::Unpin(n) => {
                     s.pins.retain(|p| p.name != *n);
                     s.pins.push(PinOverride {
@@ -1142,19 +1178,15 @@ impl<F: NorFlash> Device<F> {
             return self.command_rejected(sequence, format!("could not store the command: {e}"));
         }
         match &command.action {
-            Action::Evict(_) => {
-                if let Err(e) = self.evict(sha(&installed.module)) {
-                    return self.command_rejected(sequence, e);
-                }
-            }
             Action::Stop(n) => {
-                // A stopped module starts afresh: its state is not kept.
-                let stopped: Vec<[u8; 32]> = (self.slots.iter())
-                    .filter(|s| s.module.name == *n)
-                    .map(|s| sha(&s.module))
+                // A stopped module starts afresh: no state of it is kept, whether it was
+                // running or evicted.
+                let versions: Vec<[u8; 32]> = (self.store.state().installed.iter())
+                    .filter(|i| i.module.name == *n)
+                    .map(|i| sha(&i.module))
                     .collect();
                 self.slots.retain(|s| s.module.name != *n);
-                for d in stopped {
+                for d in versions {
                     self.forget_snapshot(&d);
                 }
             }
@@ -1162,16 +1194,13 @@ impl<F: NorFlash> Device<F> {
                 // An operator's start also clears a failure from this boot.
                 self.failed.retain(|d, _| *d != sha(&installed.module));
             }
-            Action::Pin(_) | Action::Unpin(_) => {}
+            Action::Evict(_) | Action::Pin(_) | Action::Unpin(_) => {}
         }
-        let evicted = matches!(command.action, Action::Evict(_));
         self.event(EventKind::CommandApplied {
             sequence,
             action: command.action,
         });
-        if !evicted {
-            self.schedule();
-        }
+        self.schedule();
     }
 
     fn command_rejected(&mut self, sequence: u64, reason: String) {

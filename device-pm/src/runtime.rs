@@ -422,7 +422,10 @@ impl Instance {
                 Value::F32(v) => Val::F32(F32::from_bits(v)),
                 Value::F64(v) => Val::F64(F64::from_bits(v)),
             };
-            if global.ty(&self.store).content() != value_type(&value) {
+            // A successor may declare the name differently: only a mutable global of the
+            // same type takes the value (setting an immutable one would fail the swap).
+            let ty = global.ty(&self.store);
+            if ty.mutability() != Mutability::Var || ty.content() != value_type(&value) {
                 continue;
             }
             global

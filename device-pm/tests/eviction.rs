@@ -1,4 +1,4 @@
-//! Slots, eviction and restore, hostile modules and lifecycle commands.
+//! Slots, eviction and restore, and lifecycle commands.
 
 mod common;
 
@@ -117,32 +117,6 @@ fn module_paused_by_fuel_is_evicted_at_its_call_boundary_and_finishes_right() {
     );
 }
 
-#[test]
-fn deep_recursion_ends_the_module_and_others_keep_running() {
-    let mut w = World::new();
-    let good = w.publish_module("good", "1.0.0", &wasm("ok", 0, ""));
-    let deep = wat::parse_str(
-        r#"(module
-          (global $turn (mut i32) (i32.const 0))
-          (func $down (param i32) (result i32)
-            (i32.add (call $down (i32.add (local.get 0) (i32.const 1))) (i32.const 1)))
-          (func (export "wpm_init") (result i32) (i32.const 0))
-          (func (export "wpm_tick")
-            (global.set $turn (i32.add (global.get $turn) (i32.const 1)))
-            (if (i32.gt_u (global.get $turn) (i32.const 4))
-              (then (drop (call $down (i32.const 0)))))))"#,
-    )
-    .unwrap();
-    let deep = w.publish_module("deep", "1.0.0", &deep);
-    w.deploy(vec![good, deep]);
-    w.advance(TURN_MS * 8);
-    assert!(w.events().iter().any(|e| matches!(e,
-        EventKind::Trapped { module, reason, .. } if module == "deep" && reason.contains("recursion"))));
-    w.clear_sent();
-    w.advance(TURN_MS * 2);
-    assert_eq!(w.telemetry("good").len(), 2);
-}
-
 fn applied(w: &World) -> Vec<u64> {
     (w.events().iter())
         .filter_map(|e| match e {
@@ -196,14 +170,7 @@ fn lifecycle_commands_stop_start_pin_and_evict() {
         ["cannot evict counter: it is pinned".to_string()]
     );
     w.command(Action::Unpin("counter".into()));
-    w.clear_sent();
-    w.command(evict("counter"));
-    assert_eq!(evictions(&w, "counter", "ram"), 1);
-    w.advance(TURN_MS * 2);
-    assert!(w.events().contains(&EventKind::Restored {
-        module: "counter".into(),
-        version: "1.0.0".into()
-    }));
+    w.advance(TURN_MS);
     assert_eq!(counts(&w, "counter"), [3]);
     // The retained status is fresh after each command.
     let status = &w.retained[&wpm_manifests::Topic::Status(DEVICE).render()];
@@ -248,5 +215,85 @@ fn commands_that_are_replayed_misaddressed_forged_or_expired_are_rejected() {
     assert_eq!(
         w.modules(),
         vec![module_state("counter", "1.0.0", "stopped")]
+    );
+}
+
+/// Evict by command parks a module with its state: it is not brought back on the next
+/// turn (slots are free here), nor by a reboot when its snapshot is in flash, but by a
+/// Start command, and then continues where it was. Stop drops the parked state.
+#[test]
+fn evicted_by_command_stays_evicted_until_started() {
+    let flash_snapshots = Limits {
+        snapshot_pool: 0,
+        ..LIMITS
+    };
+    let mut w = World::with(config(), flash_snapshots);
+    let m = small(w.publish_module("counter", "1.0.0", &counter_wasm("counter")));
+    w.deploy(vec![m]);
+    w.advance(TURN_MS * 3);
+    w.clear_sent();
+
+    let sequence = w.command(evict("counter"));
+    assert_eq!(applied(&w), [sequence]);
+    assert_eq!(evictions(&w, "counter", "flash"), 1);
+    w.advance(TURN_MS * 3);
+    w.reboot();
+    w.advance(TURN_MS * 3);
+    assert!(counts(&w, "counter").is_empty());
+    assert_eq!(w.dev().status().slots_used, 0);
+    assert_eq!(
+        w.modules(),
+        vec![module_state("counter", "1.0.0", "evicted")]
+    );
+    // Nothing to run: the device sleeps instead of waking every turn.
+    let next = w.dev().next_timer();
+    assert!(next.is_some_and(|at| at > w.now + TURN_MS), "{next:?}");
+
+    w.command(Action::Start("counter".into()));
+    w.advance(TURN_MS * 2);
+    assert!(w.events().contains(&EventKind::Restored {
+        module: "counter".into(),
+        version: "1.0.0".into()
+    }));
+    assert_eq!(counts(&w, "counter"), [4, 5]);
+
+    w.command(evict("counter"));
+    w.command(Action::Stop("counter".into()));
+    assert_eq!(
+        w.modules(),
+        vec![module_state("counter", "1.0.0", "stopped")]
+    );
+    w.command(Action::Start("counter".into()));
+    w.advance(TURN_MS);
+    assert_eq!(counts(&w, "counter"), [4, 5, 1]);
+}
+
+/// Slots the RAM budget allows are what status reports, not `Config::slots` alone.
+#[test]
+fn slots_total_is_what_the_ram_budget_allows_for_the_modules() {
+    let mut w = World::new();
+    assert_eq!(w.dev().status().slots_total, 3, "nothing installed");
+    let counter = small(w.publish_module("counter", "1.0.0", &counter_wasm("counter")));
+    w.deploy(vec![counter.clone()]);
+    assert_eq!(w.dev().status().slots_total, 3, "small modules");
+    // Two reservations of about 104 KiB fit the 216 KiB budget, a third does not.
+    let big = |mut m: wpm_manifests::ModuleRef| {
+        m.memory_limit = 100 * 1024;
+        m
+    };
+    let a = big(w.publish_module("a", "1.0.0", &counter_wasm("a")));
+    let b = big(w.publish_module("b", "1.0.0", &counter_wasm("b")));
+    w.deploy(vec![a, b, counter]);
+    w.advance(TURN_MS * 3);
+    let status = w.dev().status();
+    assert_eq!((status.slots_used, status.slots_total), (2, 2));
+    // Counted as large as b, a third slot does not fit next to b and the counter.
+    w.command(Action::Stop("a".into()));
+    assert_eq!(w.dev().status().slots_total, 2);
+    w.command(Action::Stop("b".into()));
+    assert_eq!(
+        w.dev().status().slots_total,
+        3,
+        "only small modules left to run"
     );
 }

@@ -39,7 +39,8 @@ pub fn config() -> Config {
 }
 
 /// A module that logs `tag` at init, publishes `tag` as telemetry every turn, then runs
-/// `tick_extra`; `$turn` counts its turns. `init_result` is what `wpm_init` returns.
+/// `tick_extra`; `$turn` counts its turns and `$tick` is its `wpm_tick`. `init_result` is
+/// what `wpm_init` returns.
 pub fn wasm(tag: &str, init_result: i32, tick_extra: &str) -> Vec<u8> {
     let len = tag.len();
     wat::parse_str(format!(
@@ -54,7 +55,7 @@ pub fn wasm(tag: &str, init_result: i32, tick_extra: &str) -> Vec<u8> {
             (call $log (i32.const 2) (i32.const 0) (i32.const {len}))
             (drop (call $now))
             (i32.const {init_result}))
-          (func (export "wpm_tick")
+          (func $tick (export "wpm_tick")
             (global.set $turn (i32.add (global.get $turn) (i32.const 1)))
             (drop (call $tel (i32.const 0) (i32.const {len})))
             {tick_extra}))"#
@@ -363,19 +364,30 @@ pub fn module_state(
 /// publishes the count as 8 little-endian bytes. Its snapshot is about 4 KiB. `tag`
 /// only makes the bytes (and so the sha256) differ between counters.
 pub fn counter_wasm(tag: &str) -> Vec<u8> {
+    counter_wasm_with(tag, "", INIT_OK, "")
+}
+
+/// The counter's usual `wpm_init`.
+pub const INIT_OK: &str = r#"(func (export "wpm_init") (result i32) (i32.const 0))"#;
+
+/// [`counter_wasm`] with its global `$n` declared with `global_export` (e.g.
+/// `(export "count")`, empty to keep it hidden), `funcs` in place of [`INIT_OK`] (the
+/// init and takeover exports) and `tick_extra` run at the end of each tick.
+pub fn counter_wasm_with(tag: &str, global_export: &str, funcs: &str, tick_extra: &str) -> Vec<u8> {
     wat::parse_str(format!(
         r#"(module
           (import "wpm" "telemetry" (func $tel (param i32 i32) (result i32)))
           (memory (export "memory") 4096 4096 (pagesize 1))
           (data (i32.const 16) "{tag}")
-          (global $n (mut i64) (i64.const 0))
-          (func (export "wpm_init") (result i32) (i32.const 0))
+          (global $n {global_export} (mut i64) (i64.const 0))
+          {funcs}
           (func (export "wpm_tick")
             (global.set $n (i64.add (global.get $n) (i64.const 1)))
             (i64.store (i32.const 4088) (i64.add (i64.load (i32.const 4088)) (i64.const 1)))
             (if (i64.ne (global.get $n) (i64.load (i32.const 4088))) (then unreachable))
             (i64.store (i32.const 0) (global.get $n))
-            (drop (call $tel (i32.const 0) (i32.const 8)))))"#
+            (drop (call $tel (i32.const 0) (i32.const 8)))
+            {tick_extra}))"#
     ))
     .unwrap()
 }
@@ -395,4 +407,9 @@ pub fn small(mut m: ModuleRef) -> ModuleRef {
 
 pub fn evict(name: &str) -> Action {
     Action::Evict(name.into())
+}
+
+/// Whether the device published an event `want` accepts.
+pub fn has_event(w: &World, want: impl Fn(&EventKind) -> bool) -> bool {
+    w.events().iter().any(want)
 }
