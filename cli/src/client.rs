@@ -98,8 +98,6 @@ pub struct FleetStatus {
 pub struct DeviceRow {
     pub device: String,
     #[serde(default)]
-    pub groups: Vec<String>,
-    #[serde(default)]
     pub online: bool,
     #[serde(default)]
     pub last_seen_ms: Option<u64>,
@@ -109,6 +107,10 @@ pub struct DeviceRow {
     pub slots_used: Option<u64>,
     #[serde(default)]
     pub slots_total: Option<u64>,
+    #[serde(default)]
+    pub flash_free: Option<u64>,
+    #[serde(default)]
+    pub ram_free: Option<u64>,
     #[serde(default)]
     pub last_error: Option<String>,
     #[serde(default)]
@@ -321,9 +323,26 @@ impl Client {
         Ok((d, raw))
     }
 
-    /// Typed rows plus the raw device objects (in the same order) for JSON pass-through.
-    pub async fn fleet_status(&self) -> Result<(FleetStatus, Value)> {
-        let raw = self.get_json("/v1/fleet/status").await?;
+    /// GET a path (with query pairs) as JSON.
+    pub async fn get_query(&self, path: &str, query: &[(&str, String)]) -> Result<Value> {
+        let resp = self
+            .send(self.authed(self.http.get(self.url(path)).query(query)))
+            .await?;
+        self.json(resp).await
+    }
+
+    /// POST a JSON body, answer as JSON.
+    pub async fn post_json(&self, path: &str, body: &Value) -> Result<Value> {
+        let resp = self
+            .send(self.authed(self.http.post(self.url(path)).json(body)))
+            .await?;
+        self.json(resp).await
+    }
+
+    /// Typed rows plus the raw answer for JSON pass-through; the registry filters by
+    /// the `query` pairs (group, module, state).
+    pub async fn fleet_status(&self, query: &[(&str, String)]) -> Result<(FleetStatus, Value)> {
+        let raw = self.get_query("/v1/fleet/status", query).await?;
         let fs = serde_json::from_value(raw.clone())
             .context("the registry's fleet status has an unexpected shape")?;
         Ok((fs, raw))

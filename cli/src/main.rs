@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 
-use crate::commands::{demo, deploy, fleet, publish, sim};
+use crate::commands::{bench, command, demo, deploy, fleet, publish, rollout, sim};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -34,6 +34,10 @@ then the config file (`registry = \"...\"`, `token = \"...\"`), then ./wpm-data/
 struct Cli {
     #[command(flatten)]
     global: GlobalArgs,
+    // Also accepted before the subcommand (`wpm --registry URL fleet status`); a value
+    // given after the subcommand wins.
+    #[command(flatten)]
+    conn: ConnArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,7 +47,7 @@ struct Cli {
 //
 // `--registry`, `--token` and `--config` are not global: `wpm registry serve` has its own
 // `--token` (the token it accepts), so they live in `ConnArgs`, flattened into each
-// command that talks to a registry.
+// command that talks to a registry, and into the top level for use before the command.
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
     /// Print machine-readable JSON on stdout instead of tables
@@ -92,6 +96,15 @@ pub struct ConnArgs {
     pub config: Option<PathBuf>,
 }
 
+impl ConnArgs {
+    /// Fills what the subcommand's flags left open from the flags before it.
+    fn inherit(&mut self, top: &ConnArgs) {
+        self.registry = self.registry.take().or_else(|| top.registry.clone());
+        self.token = self.token.take().or_else(|| top.token.clone());
+        self.config = self.config.take().or_else(|| top.config.clone());
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Upload a module (.wasm, or .wat converted on the fly) to the registry
@@ -118,6 +131,14 @@ enum Command {
     /// One device's history
     #[command(subcommand)]
     Device(DeviceCommand),
+
+    /// Staged rollouts to a group: canary first, halted and rolled back on failures
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCommand),
+
+    /// Measure a rollout to simulated devices against the raw broker fan-out
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 
     /// Run the registry (HTTP API, signing, embedded MQTT broker, database)
     #[command(subcommand)]
@@ -162,6 +183,19 @@ enum DeviceCommand {
   wpm device events dev-17
   wpm device events dev-17 --limit 100 --json")]
     Events(fleet::EventsArgs),
+    /// Start a stopped module (a signed command; waits for the device's answer)
+    #[command(after_help = "Examples:
+  wpm device start dev-17 hello
+  wpm device start dev-17 hello --no-wait")]
+    Start(command::CommandArgs),
+    /// Stop a module; it stays installed
+    Stop(command::CommandArgs),
+    /// Pin a module: never evicted from its runtime slot
+    Pin(command::CommandArgs),
+    /// Unpin a module
+    Unpin(command::CommandArgs),
+    /// Snapshot a module out of its runtime slot, freeing it
+    Evict(command::CommandArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -175,6 +209,8 @@ impl Command {
     fn default_log_level(&self) -> &'static str {
         match self {
             Command::Registry(_) => "info",
+            // The benchmark's embedded broker logs every device disconnect at ERROR.
+            Command::Bench(_) => "warn,rumqttd=off",
             // The embedded broker logs every device disconnect at ERROR when the demo stops;
             // that is noise for a first-time user (-v or RUST_LOG bring it back).
             Command::Demo(_) => "warn,rumqttd=off",
@@ -206,7 +242,32 @@ fn init_logging(global: &GlobalArgs, default_level: &str) {
         .try_init();
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+impl Command {
+    fn conn_mut(&mut self) -> Option<&mut ConnArgs> {
+        Some(match self {
+            Command::Publish(a) => &mut a.conn,
+            Command::Deploy(a) => &mut a.conn,
+            Command::Fleet(FleetCommand::Status(a)) => &mut a.conn,
+            Command::Modules(ModulesCommand::List(a)) => &mut a.conn,
+            Command::Device(DeviceCommand::Events(a)) => &mut a.conn,
+            Command::Device(
+                DeviceCommand::Start(a)
+                | DeviceCommand::Stop(a)
+                | DeviceCommand::Pin(a)
+                | DeviceCommand::Unpin(a)
+                | DeviceCommand::Evict(a),
+            ) => &mut a.conn,
+            Command::Rollout(r) => r.conn_mut(),
+            Command::Sim(a) => &mut a.conn,
+            Command::Bench(_) | Command::Registry(_) | Command::Demo(_) => return None,
+        })
+    }
+}
+
+async fn run(mut cli: Cli) -> anyhow::Result<()> {
+    if let Some(conn) = cli.command.conn_mut() {
+        conn.inherit(&cli.conn);
+    }
     let g = &cli.global;
     match cli.command {
         Command::Publish(args) => publish::run(g, args).await,
@@ -214,6 +275,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fleet(FleetCommand::Status(args)) => fleet::status(g, args).await,
         Command::Modules(ModulesCommand::List(args)) => fleet::modules_list(g, args).await,
         Command::Device(DeviceCommand::Events(args)) => fleet::device_events(g, args).await,
+        Command::Device(DeviceCommand::Start(args)) => command::run(g, "start", args).await,
+        Command::Device(DeviceCommand::Stop(args)) => command::run(g, "stop", args).await,
+        Command::Device(DeviceCommand::Pin(args)) => command::run(g, "pin", args).await,
+        Command::Device(DeviceCommand::Unpin(args)) => command::run(g, "unpin", args).await,
+        Command::Device(DeviceCommand::Evict(args)) => command::run(g, "evict", args).await,
+        Command::Rollout(cmd) => rollout::run(g, cmd).await,
+        Command::Bench(cmd) => bench::run(g, cmd).await,
         Command::Registry(RegistryCommand::Serve(args)) => wpm_registry::serve(args).await,
         Command::Sim(args) => sim::run(g, args).await,
         Command::Demo(args) => demo::run(g, args).await,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 const HELLO_WAT: &str = include_str!("../../examples/hello/v1.wat");
+const HELLO_V2_WAT: &str = include_str!("../../examples/hello/v2.wat");
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -359,6 +360,79 @@ async fn simulated_devices_install_what_the_cli_deploys() {
     .await;
     let events = json(&o);
     assert!(!events.as_array().unwrap().is_empty(), "{events}");
+
+    // Lifecycle commands, with the registry given before the subcommand: the CLI waits
+    // for the device's answer to its command's sequence.
+    let o = wpm(
+        &[
+            "--registry",
+            &url,
+            "--json",
+            "device",
+            "stop",
+            &ids[0],
+            "hello",
+        ],
+        cwd,
+    )
+    .await;
+    let answer = json(&o);
+    assert_eq!(answer["applied"], true, "{answer}");
+    let o = wpm(
+        &["--registry", &url, "device", "start", &ids[0], "hello"],
+        cwd,
+    )
+    .await;
+    assert!(ok(&o).contains("start hello applied"), "{}", stdout(&o));
+    let o = wpm(
+        &["--registry", &url, "device", "stop", &ids[0], "nosuch"],
+        cwd,
+    )
+    .await;
+    fails_with(&o, "rejected");
+
+    // A staged rollout followed to its end.
+    std::fs::write(cwd.join("hello2.wat"), HELLO_V2_WAT).unwrap();
+    let o = wpm(
+        &[
+            "--registry",
+            &url,
+            "publish",
+            "hello2.wat",
+            "--name",
+            "hello",
+            "--version",
+            "2.0.0",
+        ],
+        cwd,
+    )
+    .await;
+    ok(&o);
+    let o = wpm(
+        &[
+            "--registry",
+            &url,
+            "--json",
+            "rollout",
+            "create",
+            "hello@2.0.0",
+            "--group",
+            "field",
+            "--stages",
+            "50,100",
+        ],
+        cwd,
+    )
+    .await;
+    let r = json(&o);
+    assert_eq!(r["state"], "completed", "{r}");
+    assert_eq!(r["counts"]["succeeded"], 2, "{r}");
+    let o = wpm(&["--registry", &url, "rollout", "status"], cwd).await;
+    assert!(
+        ok(&o).contains("hello@2.0.0 → group field: completed"),
+        "{}",
+        stdout(&o)
+    );
 
     fleet.stop().await.unwrap();
     registry.shutdown().await.unwrap();

@@ -194,6 +194,32 @@ impl Api {
         .await
     }
 
+    pub async fn get(&self, path: &str) -> Result<Answer> {
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Result<Answer> {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(&body))
+            .await
+    }
+
+    /// Waits until rollout `id` is in `state`; fails early if it ends in another one.
+    pub async fn wait_rollout(&self, id: i64, state: &str, timeout: Duration) -> Result<Value> {
+        wait_for(&format!("rollout {id} to be {state}"), timeout, || async {
+            let r = self.get(&format!("/v1/rollouts/{id}")).await?.ok()?;
+            let now = r["state"].as_str().unwrap_or_default().to_string();
+            if now == state {
+                return Ok(Some(r));
+            }
+            if ["completed", "rolled_back"].contains(&now.as_str()) {
+                bail!("rollout {id} ended {now}, not {state}: {r}");
+            }
+            Ok(None)
+        })
+        .await
+    }
+
     pub async fn fleet_status(&self) -> Result<Value> {
         self.send(self.http.get(format!("{}/v1/fleet/status", self.base)))
             .await?
@@ -272,12 +298,109 @@ pub fn device_runs(status: &Value, device: &str, module: &str, version: &str) ->
         })
 }
 
+/// The `wpm-registry` binary, built if needed (it is not a target of this crate, so
+/// cargo does not build it for these tests by itself).
+pub fn registry_binary() -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "-q", "-p", "wpm-registry", "--bin", "wpm-registry"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .context("running cargo build -p wpm-registry")?;
+    if !status.success() {
+        bail!("cargo build -p wpm-registry failed ({status})");
+    }
+    // Tests run from target/debug/deps; the binary sits in target/debug.
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("test binary outside target/")?
+        .join("wpm-registry");
+    anyhow::ensure!(bin.exists(), "{} not found", bin.display());
+    Ok(bin)
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Child(pub std::process::Child);
+
+impl Child {
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A Mosquitto of the test's own on a free port, without persistence: killing it loses
+/// every retained message, as a broker restart without persistence does.
+pub struct OwnMosquitto {
+    pub port: u16,
+    config: tempfile::NamedTempFile,
+    process: Option<Child>,
+}
+
+impl OwnMosquitto {
+    pub fn start() -> Result<OwnMosquitto> {
+        use std::io::Write as _;
+        let port = free_port();
+        let mut config = tempfile::NamedTempFile::new()?;
+        writeln!(
+            config,
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+             max_packet_size 1048576"
+        )?;
+        let mut m = OwnMosquitto {
+            port,
+            config,
+            process: None,
+        };
+        m.restart()?;
+        Ok(m)
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: no clean disconnects, no last wills delivered by a graceful shutdown.
+    pub fn kill(&mut self) {
+        self.process.take();
+    }
+
+    /// Starts it (again) on the same port.
+    pub fn restart(&mut self) -> Result<()> {
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(self.config.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting mosquitto (apt-get install mosquitto)")?;
+        self.process = Some(Child(child));
+        for _ in 0..100 {
+            if port_open(self.port) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("mosquitto did not come up on port {}", self.port)
+    }
+}
+
 /// Where the registry keeps its data and which broker it uses.
 pub enum Backend {
     /// The registry's own rumqttd broker and a SQLite file: the single-machine default.
     EmbeddedSqlite,
     /// The machine's Mosquitto and a fresh PostgreSQL database.
     MosquittoPostgres,
+    /// This broker (`mqtt://host:port`) and a SQLite file.
+    BrokerSqlite(String),
 }
 
 /// A running registry with a client for its API.
@@ -301,6 +424,7 @@ impl Env {
                 config.broker = Some(mosquitto()?);
                 config.database = Some(postgres_database().await?);
             }
+            Backend::BrokerSqlite(url) => config.broker = Some(url),
         }
         let registry = wpm_registry::Registry::start(config).await?;
         let api = Api::new(registry.http_url(), registry.token());

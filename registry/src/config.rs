@@ -39,6 +39,10 @@ pub struct ServeArgs {
     /// How long a deployment manifest stays valid, in hours.
     #[arg(long, default_value_t = 168)]
     pub manifest_ttl_hours: u64,
+    /// Split status ingest with the other replicas of this name through an MQTT shared
+    /// subscription ($share/NAME/...): give every replica on one database the same name.
+    #[arg(long, value_name = "NAME")]
+    pub ingest_share_group: Option<String>,
 }
 
 /// Everything [`crate::Registry::start`] needs.
@@ -57,6 +61,8 @@ pub struct Config {
     pub chunk_size: u32,
     pub manifest_ttl: Duration,
     pub max_module_size: usize,
+    /// Shared-subscription group of the ingest; `None`: this registry ingests everything.
+    pub ingest_share_group: Option<String>,
 }
 
 impl Config {
@@ -72,6 +78,7 @@ impl Config {
             chunk_size: 2048,
             manifest_ttl: Duration::from_secs(168 * 3600),
             max_module_size: DEFAULT_MAX_MODULE_SIZE,
+            ingest_share_group: None,
         }
     }
 
@@ -108,6 +115,7 @@ impl From<ServeArgs> for Config {
             chunk_size: a.chunk_size,
             manifest_ttl: Duration::from_secs(a.manifest_ttl_hours.saturating_mul(3600)),
             max_module_size: DEFAULT_MAX_MODULE_SIZE,
+            ingest_share_group: a.ingest_share_group,
         }
     }
 }

@@ -125,6 +125,48 @@ fn deployment_from_row(r: &AnyRow) -> anyhow::Result<DeploymentRow> {
     })
 }
 
+/// How a deployment changes its target's desired set.
+pub enum DesiredChange {
+    /// The same set again (a renewal).
+    Keep,
+    /// This module at this version, the rest unchanged.
+    Set(ModuleRow),
+    /// Exactly these modules (a rollout's per-device manifests, a rollback).
+    Replace(Vec<ModuleRow>),
+}
+
+/// Rows per multi-row statement: 5 columns × 200 stays far below SQLite's and
+/// PostgreSQL's parameter limits.
+const ROWS_PER_INSERT: usize = 200;
+
+/// `($first, …), (…), …`: `rows` groups of `columns` numbered placeholders, in order.
+fn placeholders(rows: usize, columns: usize, first: usize) -> String {
+    (0..rows)
+        .map(|r| {
+            let cols = (0..columns)
+                .map(|c| format!("${}", first + r * columns + c))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!("({cols})")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The modules of one target's desired set (`$1` kind, `$2` name).
+fn desired_set_sql() -> String {
+    format!(
+        "SELECT {} FROM modules m JOIN desired_modules d \
+         ON m.name = d.module_name AND m.version = d.version \
+         WHERE d.target_kind = $1 AND d.target_name = $2 ORDER BY m.name",
+        MODULE_COLUMNS
+            .split(", ")
+            .map(|c| format!("m.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
 /// What happened to an upload.
 pub enum InsertOutcome {
     Created,
@@ -317,9 +359,9 @@ impl Db {
         rows.iter().map(module_from_row).collect()
     }
 
-    /// Records a deployment in one transaction: sets `module` (if any) in the target's
-    /// desired set, allocates the next registry-wide sequence and stores what
-    /// `seal` makes of (sequence, desired set). Returns the row and the desired set.
+    /// Records a deployment in one transaction: changes the target's desired set as
+    /// `change` says, allocates the next registry-wide sequence and stores what `seal`
+    /// makes of (sequence, desired set). Returns the row and the desired set.
     ///
     /// The sequence counter is updated first: on PostgreSQL its row lock serialises
     /// concurrent deployments (also across replicas) until commit, so each one reads the
@@ -327,7 +369,7 @@ impl Db {
     pub async fn create_deployment(
         &self,
         target: &Target,
-        module: Option<&ModuleRow>,
+        change: &DesiredChange,
         seal: impl FnOnce(u64, &[ModuleRow]) -> (Vec<u8>, i64),
     ) -> anyhow::Result<(DeploymentRow, Vec<ModuleRow>)> {
         let (kind, name) = target_columns(target);
@@ -338,7 +380,19 @@ impl Db {
                 .fetch_one(&mut *tx)
                 .await?
                 .try_get("value")?;
-        if let Some(module) = module {
+        if matches!(change, DesiredChange::Replace(_)) {
+            sqlx::query("DELETE FROM desired_modules WHERE target_kind = $1 AND target_name = $2")
+                .bind(kind)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let upserts: &[ModuleRow] = match change {
+            DesiredChange::Keep => &[],
+            DesiredChange::Set(m) => std::slice::from_ref(m),
+            DesiredChange::Replace(set) => set,
+        };
+        for module in upserts {
             sqlx::query(
                 "INSERT INTO desired_modules (target_kind, target_name, module_name, version) \
                  VALUES ($1, $2, $3, $4) \
@@ -352,20 +406,11 @@ impl Db {
             .execute(&mut *tx)
             .await?;
         }
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {} FROM modules m JOIN desired_modules d \
-             ON m.name = d.module_name AND m.version = d.version \
-             WHERE d.target_kind = $1 AND d.target_name = $2 ORDER BY m.name",
-            MODULE_COLUMNS
-                .split(", ")
-                .map(|c| format!("m.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )))
-        .bind(kind)
-        .bind(name)
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows = sqlx::query(AssertSqlSafe(desired_set_sql()))
+            .bind(kind)
+            .bind(name)
+            .fetch_all(&mut *tx)
+            .await?;
         let desired = rows
             .iter()
             .map(module_from_row)
@@ -398,6 +443,18 @@ impl Db {
         ))
     }
 
+    /// Takes the next registry-wide sequence (shared by deployments and commands, so a
+    /// device can order everything the registry signs for it).
+    pub async fn next_sequence(&self) -> anyhow::Result<u64> {
+        let seq: i64 =
+            sqlx::query("UPDATE counters SET value = value + 1 WHERE name = $1 RETURNING value")
+                .bind("deployment_sequence")
+                .fetch_one(&self.pool)
+                .await?
+                .try_get("value")?;
+        Ok(u64::try_from(seq)?)
+    }
+
     /// All deployments, newest first.
     pub async fn deployments(&self, limit: i64) -> anyhow::Result<Vec<DeploymentRow>> {
         let rows = sqlx::query(
@@ -410,13 +467,14 @@ impl Db {
         rows.iter().map(deployment_from_row).collect()
     }
 
-    /// The newest deployment of every target: what the broker must hold retained.
+    /// The newest deployment of every target not retired: what the broker must hold
+    /// retained and what renewal keeps alive.
     pub async fn latest_deployments(&self) -> anyhow::Result<Vec<DeploymentRow>> {
         let rows = sqlx::query(
             "SELECT d.sequence, d.target_kind, d.target_name, d.sealed, d.created_at, \
              d.expires_at FROM deployments d \
              JOIN (SELECT target_kind, target_name, MAX(sequence) AS seq FROM deployments \
-                   GROUP BY target_kind, target_name) latest \
+                   WHERE retired = 0 GROUP BY target_kind, target_name) latest \
              ON d.sequence = latest.seq ORDER BY d.sequence",
         )
         .fetch_all(&self.pool)
@@ -439,6 +497,17 @@ impl Db {
         Ok(seq.map(|s| s as u64))
     }
 
+    /// One target's desired set, by module name.
+    pub async fn desired_set(&self, target: &Target) -> anyhow::Result<Vec<ModuleRow>> {
+        let (kind, name) = target_columns(target);
+        let rows = sqlx::query(AssertSqlSafe(desired_set_sql()))
+            .bind(kind)
+            .bind(name)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(module_from_row).collect()
+    }
+
     /// Every module in some target's desired set.
     pub async fn desired_modules(&self) -> anyhow::Result<Vec<ModuleRow>> {
         let rows = sqlx::query(AssertSqlSafe(format!(
@@ -451,12 +520,15 @@ impl Db {
         rows.iter().map(module_from_row).collect()
     }
 
-    /// Writes one ingest batch in one transaction.
+    /// Writes one ingest batch in one transaction; the `seen` devices' last_seen moves
+    /// to `seen_at`.
     pub async fn write_batch(
         &self,
         statuses: &[StatusWrite],
         presences: &[PresenceWrite],
         events: &[EventWrite],
+        seen: &[String],
+        seen_at: i64,
     ) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
         for s in statuses {
@@ -528,18 +600,36 @@ impl Db {
             .execute(&mut *tx)
             .await?;
         }
-        for e in events {
-            sqlx::query(
-                "INSERT INTO events (device, at_ms, kind, detail, received_at) \
-                 VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(&e.device)
-            .bind(e.at_ms)
-            .bind(&e.kind)
-            .bind(&e.detail)
-            .bind(e.received_at)
-            .execute(&mut *tx)
-            .await?;
+        // Many rows per statement: a fleet installing at once sends events in bursts.
+        for rows in events.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO events (device, at_ms, kind, detail, received_at) VALUES {}",
+                placeholders(rows.len(), 5, 1)
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for e in rows {
+                q = q
+                    .bind(&e.device)
+                    .bind(e.at_ms)
+                    .bind(&e.kind)
+                    .bind(&e.detail)
+                    .bind(e.received_at);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        for ids in seen.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "UPDATE devices SET last_seen = $1 WHERE last_seen < $2 AND id IN ({})",
+                (3..3 + ids.len())
+                    .map(|i| format!("${i}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql)).bind(seen_at).bind(seen_at);
+            for id in ids {
+                q = q.bind(id);
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -632,6 +722,12 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbered_placeholders_in_order() {
+        assert_eq!(placeholders(2, 3, 1), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(placeholders(1, 2, 5), "($5, $6)");
+    }
 
     #[test]
     fn redacts_passwords() {

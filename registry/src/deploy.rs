@@ -3,7 +3,7 @@
 //! accepted sequence) never meets only an expired manifest (the "no freeze" rule makes
 //! it refuse those).
 
-use crate::db::{Db, DeploymentRow, ModuleRow};
+use crate::db::{Db, DeploymentRow, DesiredChange, ModuleRow};
 use crate::keys;
 use crate::publish::Publisher;
 use std::sync::Arc;
@@ -30,13 +30,12 @@ fn unix_secs() -> u64 {
 }
 
 impl Deployer {
-    /// Issues a new deployment for `target`: its desired set with `module` set to that
-    /// version (`None`: the same set again, renewed). Publishes the modules' chunks and
-    /// manifests, then the sealed deployment.
+    /// Issues a new deployment for `target` with its desired set changed as `change`
+    /// says. Publishes the modules' chunks and manifests, then the sealed deployment.
     pub async fn deploy(
         &self,
         target: &Target,
-        module: Option<&ModuleRow>,
+        change: &DesiredChange,
     ) -> anyhow::Result<(Deployment, DeploymentRow)> {
         let _guard = self.lock.lock().await;
         let now = unix_secs();
@@ -44,7 +43,7 @@ impl Deployer {
         let mut built = None;
         let (row, desired) = self
             .db
-            .create_deployment(target, module, |sequence, desired| {
+            .create_deployment(target, change, |sequence, desired| {
                 let d = Deployment {
                     target: target.clone(),
                     sequence,
@@ -61,6 +60,9 @@ impl Deployer {
 
         // Module bytes before the manifest that names them.
         for m in &desired {
+            if self.publisher.has_published(&m.sha256).await {
+                continue;
+            }
             let wasm = self.db.module_wasm(&m.name, &m.version).await?;
             self.publisher.publish_module(m, &wasm).await?;
         }
@@ -72,6 +74,15 @@ impl Deployer {
         Ok((deployment, row))
     }
 
+    /// Publishes every module and newest deployment again, after the broker lost its
+    /// retained messages. Under the deploy lock, so a deployment made meanwhile is never
+    /// overwritten by the older one read before it.
+    pub async fn republish(&self) -> anyhow::Result<()> {
+        let _guard = self.lock.lock().await;
+        self.publisher.forget_published().await;
+        crate::publish::republish_all(&self.db, &self.publisher).await
+    }
+
     /// Renews every target's newest deployment that has less than half its lifetime left.
     pub async fn renew_expiring(&self) -> anyhow::Result<usize> {
         let now_ms = crate::db::now_ms();
@@ -79,7 +90,7 @@ impl Deployer {
         let mut renewed = 0;
         for d in self.db.latest_deployments().await? {
             if d.expires_at - now_ms < half {
-                let (new, _) = self.deploy(&d.target, None).await?;
+                let (new, _) = self.deploy(&d.target, &DesiredChange::Keep).await?;
                 tracing::info!(
                     target = ?d.target, old = d.sequence, new = new.sequence,
                     "renewed an expiring deployment"
@@ -88,6 +99,34 @@ impl Deployer {
             }
         }
         Ok(renewed)
+    }
+}
+
+/// Republishes everything at every reconnect of the publisher after the first (the
+/// first is covered by the start-up republish), until `stop`.
+pub async fn republish_on_reconnect(deployer: Arc<Deployer>, mut stop: watch::Receiver<bool>) {
+    let mut connection = deployer.publisher.connection();
+    // The start-up connection is already marked seen.
+    connection.borrow_and_update();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            changed = connection.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+        }
+        if !*connection.borrow_and_update() {
+            continue;
+        }
+        tracing::info!("reconnected to the MQTT broker; republishing retained state");
+        if let Err(e) = deployer.republish().await {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "republishing after a reconnect failed"
+            );
+        }
     }
 }
 

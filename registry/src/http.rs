@@ -1,22 +1,23 @@
 //! The HTTP API (see docs/interfaces.md). JSON everywhere; every error is
 //! `{"error": "..."}`.
 
-use crate::db::{self, Db, InsertOutcome, ModuleRow};
+use crate::db::{self, Db, DesiredChange, InsertOutcome, ModuleRow};
 use crate::deploy::Deployer;
 use crate::ingest::IngestStats;
 use crate::keys;
+use crate::rollout::{self, NewRollout, RolloutState};
 use axum::extract::rejection::{BytesRejection, JsonRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use wpm_manifests::{sha256, valid_name, Deployment, KeyPair, Sealed, Target};
+use wpm_manifests::{sha256, valid_name, Action, Command, Deployment, KeyPair, Sealed, Target};
 
 /// Everything the handlers share.
 pub struct AppState {
@@ -63,6 +64,10 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/deployments", get(list_deployments).post(deploy))
         .route("/v1/fleet/status", get(fleet_status))
         .route("/v1/devices/{id}/events", get(device_events))
+        .route("/v1/devices/{id}/commands", post(device_command))
+        .route("/v1/rollouts", get(list_rollouts).post(create_rollout))
+        .route("/v1/rollouts/{id}", get(get_rollout))
+        .route("/v1/rollouts/{id}/{action}", post(rollout_action))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/v1/health", get(health))
@@ -164,7 +169,15 @@ pub fn validate_wasm(bytes: &[u8]) -> Result<u64, String> {
     let mut v = wasmparser::Validator::new_with_features(wasm_features());
     let types = v
         .validate_all(bytes)
-        .map_err(|e| format!("not a WebAssembly module: {e}"))?;
+        // wasmparser's message can run over several lines with debug dumps of the bytes;
+        // its first line and the offset say what is wrong.
+        .map_err(|e| {
+            format!(
+                "not a WebAssembly module: {} (at byte {})",
+                e.message().lines().next().unwrap_or("invalid").trim(),
+                e.offset()
+            )
+        })?;
     if types.as_ref().memory_count() == 0 {
         return Ok(0);
     }
@@ -328,7 +341,10 @@ async fn deploy(
             )
         })?;
 
-    let (deployment, row) = state.deployer.deploy(&target, Some(&module)).await?;
+    let (deployment, row) = state
+        .deployer
+        .deploy(&target, &DesiredChange::Set(module.clone()))
+        .await?;
     tracing::info!(sequence = row.sequence, target = ?target, module = %module.name, version = %module.version, "deployed");
     Ok((
         StatusCode::CREATED,
@@ -362,8 +378,76 @@ async fn list_deployments(
     Ok(Json(Value::Array(out)))
 }
 
-async fn fleet_status(State(state): State<Shared>) -> ApiResult<Json<Value>> {
-    let devices = state.db.fleet().await?;
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FleetFilter {
+    group: Option<String>,
+    module: Option<String>,
+    /// `online`, `offline` or `failing`.
+    state: Option<String>,
+    /// Only the summary, no device list (for large fleets).
+    #[serde(default)]
+    summary_only: bool,
+}
+
+/// A device is failing when a module of it failed (refused, trapped, health check) or
+/// the device itself reports an error.
+fn failing(d: &db::DeviceView) -> bool {
+    d.last_error.is_some() || d.modules.iter().any(|m| m.state == "failed")
+}
+
+async fn fleet_status(
+    State(state): State<Shared>,
+    filter: Result<Query<FleetFilter>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Query(f) = filter.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    if let Some(s) = f.state.as_deref() {
+        if !["online", "offline", "failing"].contains(&s) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("unknown state {s:?}: use online, offline or failing"),
+            ));
+        }
+    }
+    let mut devices = state.db.fleet().await?;
+    devices.retain(|d| {
+        f.group.as_ref().is_none_or(|g| d.groups.contains(g))
+            && f.module
+                .as_ref()
+                .is_none_or(|m| d.modules.iter().any(|x| &x.name == m))
+            && match f.state.as_deref() {
+                Some("online") => d.online,
+                Some("offline") => !d.online,
+                Some("failing") => failing(d),
+                _ => true,
+            }
+    });
+    // Devices per module version, and how many of them run it.
+    let mut versions = std::collections::BTreeMap::<String, (u64, u64)>::new();
+    for d in &devices {
+        for m in &d.modules {
+            let v = versions
+                .entry(format!("{}@{}", m.name, m.version))
+                .or_default();
+            v.0 += 1;
+            v.1 += u64::from(m.state == "running");
+        }
+    }
+    let versions: serde_json::Map<String, Value> = versions
+        .into_iter()
+        .map(|(k, (devices, running))| (k, json!({ "devices": devices, "running": running })))
+        .collect();
+    let online = devices.iter().filter(|d| d.online).count();
+    let summary = json!({
+        "devices": devices.len(),
+        "online": online,
+        "offline": devices.len() - online,
+        "failing": devices.iter().filter(|d| failing(d)).count(),
+        "versions": versions,
+    });
+    if f.summary_only {
+        return Ok(Json(json!({ "summary": summary })));
+    }
     let devices: Vec<Value> = devices
         .iter()
         .map(|d| {
@@ -388,7 +472,222 @@ async fn fleet_status(State(state): State<Shared>) -> ApiResult<Json<Value>> {
             })
         })
         .collect();
-    Ok(Json(json!({ "devices": devices })))
+    Ok(Json(json!({ "summary": summary, "devices": devices })))
+}
+
+fn check_device_id(id: &str) -> ApiResult<()> {
+    if valid_name(id) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid device id {id:?}"),
+        ))
+    }
+}
+
+/// How long a lifecycle command stays valid: long enough for a device on a slow link,
+/// short enough that a captured command is useless soon after.
+pub const COMMAND_TTL_SECS: u64 = 300;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandRequest {
+    action: String,
+    module: String,
+}
+
+async fn device_command(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    body: Result<Json<CommandRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    check_device_id(&id)?;
+    let Json(req) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    if !valid_name(&req.module) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid module name {:?}", req.module),
+        ));
+    }
+    let action = match req.action.as_str() {
+        "start" => Action::Start(req.module),
+        "stop" => Action::Stop(req.module),
+        "pin" => Action::Pin(req.module),
+        "unpin" => Action::Unpin(req.module),
+        "evict" => Action::Evict(req.module),
+        other => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("unknown action {other:?}: use start, stop, pin, unpin or evict"),
+            ))
+        }
+    };
+    let sequence = state.db.next_sequence().await?;
+    let issued_at = db::now_ms() as u64 / 1000;
+    let command = Command {
+        device: id.clone(),
+        sequence,
+        issued_at,
+        expires_at: issued_at + COMMAND_TTL_SECS,
+        action,
+    };
+    state
+        .deployer
+        .publisher
+        .publish_command(&id, state.key.seal(&command))
+        .await?;
+    tracing::info!(device = %id, sequence, action = command.action.verb(), module = command.action.module(), "command sent");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "sequence": sequence, "expires_at": command.expires_at })),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RolloutRequest {
+    module: String,
+    version: String,
+    group: String,
+    stages: Option<Vec<u8>>,
+    max_failure_pct: Option<u8>,
+    stage_timeout_s: Option<u64>,
+}
+
+/// Default stages: a canary, a tenth, everyone.
+pub const DEFAULT_STAGES: [u8; 3] = [1, 10, 100];
+pub const DEFAULT_MAX_FAILURE_PCT: u8 = 10;
+pub const DEFAULT_STAGE_TIMEOUT_S: u64 = 600;
+
+async fn rollout_json(db: &Db, r: &rollout::Rollout, with_devices: bool) -> ApiResult<Value> {
+    let devices = db.rollout_devices(r.id).await?;
+    let mut v = serde_json::to_value(r).map_err(anyhow::Error::from)?;
+    v["counts"] = json!(rollout::Counts::of(&devices));
+    if with_devices {
+        v["devices"] = json!(devices);
+    }
+    Ok(v)
+}
+
+async fn create_rollout(
+    State(state): State<Shared>,
+    body: Result<Json<RolloutRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let Json(req) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    if !valid_name(&req.group) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid group {:?}", req.group),
+        ));
+    }
+    let stages = req.stages.unwrap_or(DEFAULT_STAGES.to_vec());
+    rollout::check_stages(&stages).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    let max_failure_pct = req.max_failure_pct.unwrap_or(DEFAULT_MAX_FAILURE_PCT);
+    if max_failure_pct > 100 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "max_failure_pct is a percentage (0 to 100)",
+        ));
+    }
+    let module = state
+        .db
+        .module(&req.module, &req.version)
+        .await?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no module {}@{}: upload it first", req.module, req.version),
+            )
+        })?;
+    let previous = state
+        .db
+        .desired_set(&Target::Group(req.group.clone()))
+        .await?
+        .into_iter()
+        .find(|m| m.name == module.name)
+        .map(|m| m.version);
+    if previous.as_deref() == Some(module.version.as_str()) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "group {} already runs {}@{}",
+                req.group, module.name, module.version
+            ),
+        ));
+    }
+    let new = NewRollout {
+        module,
+        group: req.group,
+        stages,
+        max_failure_pct,
+        stage_timeout: std::time::Duration::from_secs(
+            req.stage_timeout_s
+                .unwrap_or(DEFAULT_STAGE_TIMEOUT_S)
+                .max(1),
+        ),
+    };
+    let r = state
+        .db
+        .create_rollout(&new, previous.as_deref())
+        .await?
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, e))?;
+    tracing::info!(rollout = r.id, module = %r.module, version = %r.version, group = %r.group, "rollout created");
+    Ok((
+        StatusCode::CREATED,
+        Json(rollout_json(&state.db, &r, false).await?),
+    ))
+}
+
+async fn list_rollouts(State(state): State<Shared>) -> ApiResult<Json<Value>> {
+    let mut out = Vec::new();
+    for r in state.db.rollouts(false).await? {
+        out.push(rollout_json(&state.db, &r, false).await?);
+    }
+    Ok(Json(Value::Array(out)))
+}
+
+async fn find_rollout(db: &Db, id: i64) -> ApiResult<rollout::Rollout> {
+    db.rollout(id)
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no rollout {id}")))
+}
+
+async fn get_rollout(State(state): State<Shared>, Path(id): Path<i64>) -> ApiResult<Json<Value>> {
+    let r = find_rollout(&state.db, id).await?;
+    Ok(Json(rollout_json(&state.db, &r, true).await?))
+}
+
+/// pause, resume, rollback: a state change the controller acts on at its next pass.
+async fn rollout_action(
+    State(state): State<Shared>,
+    Path((id, action)): Path<(i64, String)>,
+) -> ApiResult<Json<Value>> {
+    use RolloutState::*;
+    let (from, to, reason): (&[RolloutState], _, _) = match action.as_str() {
+        "pause" => (&[Running], Paused, None),
+        "resume" => (&[Paused], Running, None),
+        "rollback" => (
+            &[Running, Paused, Completed],
+            RollingBack,
+            Some("rolled back by the operator"),
+        ),
+        other => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("unknown rollout action {other:?}: use pause, resume or rollback"),
+            ))
+        }
+    };
+    let r = find_rollout(&state.db, id).await?;
+    if !state.db.set_rollout_state(id, from, to, reason).await? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("rollout {id} is {}: cannot {action} it", r.state.as_str()),
+        ));
+    }
+    let r = find_rollout(&state.db, id).await?;
+    Ok(Json(rollout_json(&state.db, &r, false).await?))
 }
 
 async fn device_events(
@@ -396,12 +695,7 @@ async fn device_events(
     Path(id): Path<String>,
     Query(p): Query<LimitParam>,
 ) -> ApiResult<Json<Value>> {
-    if !valid_name(&id) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("invalid device id {id:?}"),
-        ));
-    }
+    check_device_id(&id)?;
     let events = state
         .db
         .events(&id, p.limit.unwrap_or(100).clamp(1, 10_000))
@@ -435,5 +729,6 @@ mod tests {
         assert_eq!(validate_wasm(&mem), Ok(2 * 65536));
         let err = validate_wasm(b"hello world").unwrap_err();
         assert!(err.starts_with("not a WebAssembly module"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
     }
 }

@@ -18,6 +18,8 @@ use wpm_manifests::{decode, DeviceStatus, Event as DeviceEvent, EventKind, Prese
 
 pub const BATCH_MAX: usize = 500;
 pub const BATCH_WINDOW: Duration = Duration::from_millis(50);
+/// Messages held between the MQTT connection and the writer.
+pub const QUEUE: usize = 200_000;
 
 /// Counters, reported by `/v1/health`.
 #[derive(Default, Debug)]
@@ -46,19 +48,22 @@ impl Ingest {
         settings: &MqttSettings,
         db: Db,
         stats: Arc<IngestStats>,
+        share_group: Option<&str>,
         stop: watch::Receiver<bool>,
     ) -> anyhow::Result<Ingest> {
         let (client, eventloop) = AsyncClient::new(settings.options(client_id("ingest")), 1024);
-        let (tx, rx) = mpsc::channel::<Raw>(10_000);
+        // Room for a whole fleet's burst (an install sends some ten messages per device).
+        let (tx, rx) = mpsc::channel::<Raw>(QUEUE);
         let (connected_tx, _) = watch::channel(false);
         let (subscribed_tx, subscribed_rx) = watch::channel(false);
         let filters: Vec<SubscribeFilter> = [
             TopicFilter::AllStatus,
             TopicFilter::AllPresence,
             TopicFilter::AllEvents,
+            TopicFilter::AllTelemetry,
         ]
         .into_iter()
-        .map(|f| SubscribeFilter::new(f.render(), QoS::AtLeastOnce))
+        .map(|f| SubscribeFilter::new(shared_filter(share_group, f), QoS::AtLeastOnce))
         .collect();
         let sub_client = client.clone();
         let mqtt_stats = stats.clone();
@@ -113,6 +118,21 @@ impl Ingest {
     }
 }
 
+/// The filter to subscribe to: `$share/{group}/{filter}` when replicas split the ingest
+/// (each message goes to one member of the group), else the plain filter.
+///
+/// Shared subscriptions are an MQTT 5 feature that Mosquitto (since 1.6) and rumqttd also
+/// serve to MQTT 3.1.1 clients, which is what the registry's rumqttc client speaks. Per
+/// the MQTT 5 rules neither broker sends retained messages to a shared subscription: a
+/// replica (re)starting learns status from the database and the devices' periodic
+/// republishing, not from the broker's retained copies.
+pub fn shared_filter(share_group: Option<&str>, f: TopicFilter) -> String {
+    match share_group {
+        Some(g) => format!("$share/{g}/{}", f.render()),
+        None => f.render(),
+    }
+}
+
 async fn writer(db: Db, mut rx: mpsc::Receiver<Raw>, stats: Arc<IngestStats>) {
     let mut batch = Vec::with_capacity(BATCH_MAX);
     loop {
@@ -135,6 +155,8 @@ async fn write(db: &Db, stats: &IngestStats, batch: Vec<Raw>) {
     let mut statuses: HashMap<String, StatusWrite> = HashMap::new();
     let mut presences: HashMap<String, PresenceWrite> = HashMap::new();
     let mut events = Vec::new();
+    // Devices heard from live (events, telemetry): their last_seen moves to now.
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
     let n = batch.len();
     for m in batch {
         match decode_message(&m, now) {
@@ -144,7 +166,13 @@ async fn write(db: &Db, stats: &IngestStats, batch: Vec<Raw>) {
             Ok(Decoded::Presence(p)) => {
                 presences.insert(p.device.clone(), p);
             }
-            Ok(Decoded::Event(e)) => events.push(e),
+            Ok(Decoded::Event(e)) => {
+                seen.insert(e.device.clone());
+                events.push(e)
+            }
+            Ok(Decoded::Seen(device)) => {
+                seen.insert(device);
+            }
             Ok(Decoded::Ignored) => {}
             Err(reason) => {
                 stats.malformed.fetch_add(1, Ordering::Relaxed);
@@ -154,7 +182,11 @@ async fn write(db: &Db, stats: &IngestStats, batch: Vec<Raw>) {
     }
     let statuses: Vec<_> = statuses.into_values().collect();
     let presences: Vec<_> = presences.into_values().collect();
-    match db.write_batch(&statuses, &presences, &events).await {
+    let seen: Vec<_> = seen.into_iter().collect();
+    match db
+        .write_batch(&statuses, &presences, &events, &seen, now)
+        .await
+    {
         Ok(()) => {
             stats.written.fetch_add(n as u64, Ordering::Relaxed);
             tracing::debug!(messages = n, "ingest batch written");
@@ -170,6 +202,8 @@ enum Decoded {
     Status(StatusWrite),
     Presence(PresenceWrite),
     Event(EventWrite),
+    /// Module telemetry: only proves the device is alive.
+    Seen(String),
     /// An empty retained payload: a device's record being cleared.
     Ignored,
 }
@@ -241,7 +275,11 @@ fn decode_message(m: &Raw, now: i64) -> Result<Decoded, String> {
                 received_at: now,
             }))
         }
-        DeviceTopic::Telemetry(..) => Ok(Decoded::Ignored),
+        DeviceTopic::Telemetry(device, _) => Ok(if m.retained {
+            Decoded::Ignored
+        } else {
+            Decoded::Seen(device.to_string())
+        }),
     }
 }
 

@@ -15,6 +15,7 @@ pub mod http;
 pub mod ingest;
 pub mod keys;
 pub mod publish;
+pub mod rollout;
 
 pub use config::{Config, ServeArgs};
 pub use keys::{seal_deployment, seal_module_manifest};
@@ -33,6 +34,7 @@ pub struct Registry {
     stop: watch::Sender<bool>,
     http_task: tokio::task::JoinHandle<std::io::Result<()>>,
     renew_task: tokio::task::JoinHandle<()>,
+    background: Vec<tokio::task::JoinHandle<()>>,
     publisher: Arc<publish::Publisher>,
     ingest: ingest::Ingest,
     db: db::Db,
@@ -83,9 +85,21 @@ impl Registry {
                 .with_context(|| format!("MQTT broker {mqtt_url}"))?,
         );
         let stats = Arc::new(ingest::IngestStats::default());
-        let ingest = ingest::Ingest::start(&settings, db.clone(), stats.clone(), stop_rx.clone())
-            .await
-            .with_context(|| format!("MQTT broker {mqtt_url}"))?;
+        if let Some(g) = &config.ingest_share_group {
+            anyhow::ensure!(
+                wpm_manifests::valid_name(g),
+                "invalid ingest share group {g:?}"
+            );
+        }
+        let ingest = ingest::Ingest::start(
+            &settings,
+            db.clone(),
+            stats.clone(),
+            config.ingest_share_group.as_deref(),
+            stop_rx.clone(),
+        )
+        .await
+        .with_context(|| format!("MQTT broker {mqtt_url}"))?;
         publish::republish_all(&db, &publisher).await?;
 
         let deployer = Arc::new(deploy::Deployer {
@@ -96,6 +110,22 @@ impl Registry {
             lock: tokio::sync::Mutex::new(()),
         });
         let renew_task = tokio::spawn(deploy::renew_loop(deployer.clone(), stop_rx.clone()));
+        let controller = Arc::new(rollout::Controller {
+            deployer: deployer.clone(),
+            // The pid lets an operator (and the replicas test) tell which process holds the lease.
+            holder: format!(
+                "{}-pid{}",
+                publish::client_id("replica"),
+                std::process::id()
+            ),
+        });
+        let background = vec![
+            tokio::spawn(deploy::republish_on_reconnect(
+                deployer.clone(),
+                stop_rx.clone(),
+            )),
+            tokio::spawn(rollout::controller_loop(controller, stop_rx.clone())),
+        ];
         let state = Arc::new(http::AppState {
             db: db.clone(),
             key: key.clone(),
@@ -126,6 +156,7 @@ impl Registry {
             stop,
             http_task,
             renew_task,
+            background,
             publisher,
             ingest,
             db,
@@ -166,6 +197,9 @@ impl Registry {
         let _ = self.stop.send(true);
         let http = self.http_task.await;
         let _ = self.renew_task.await;
+        for task in self.background {
+            let _ = task.await;
+        }
         self.ingest.shutdown().await;
         if let Ok(p) = Arc::try_unwrap(self.publisher) {
             p.shutdown().await;

@@ -90,6 +90,9 @@ pub struct Publisher {
     /// Modules whose chunks and manifest this process has already published: the broker
     /// retains them, so a later deployment of the same bytes need not send them again.
     published: Mutex<HashSet<[u8; 32]>>,
+    /// Flips to true at every ConnAck: a broker that restarted without persistence has
+    /// lost every retained message, so each reconnect means publishing everything again.
+    connected: watch::Receiver<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -102,18 +105,43 @@ impl Publisher {
         let (client, eventloop) = AsyncClient::new(settings.options(client_id("pub")), 1024);
         let (tx, rx) = watch::channel(false);
         let task = tokio::spawn(drive(eventloop, stop, tx, "publisher", |_| {}));
-        wait_connected(rx, "publisher", Duration::from_secs(10)).await?;
+        wait_connected(rx.clone(), "publisher", Duration::from_secs(10)).await?;
         Ok(Publisher {
             client,
             key,
             published: Mutex::new(HashSet::new()),
+            connected: rx,
             task,
         })
     }
 
+    /// The connection state, true from each ConnAck until the connection drops.
+    pub fn connection(&self) -> watch::Receiver<bool> {
+        self.connected.clone()
+    }
+
+    /// Whether this connection already published the module (its bytes need not be read).
+    pub async fn has_published(&self, sha256: &[u8; 32]) -> bool {
+        self.published.lock().await.contains(sha256)
+    }
+
+    /// Forgets what was published: the broker lost its retained messages.
+    pub async fn forget_published(&self) {
+        self.published.lock().await.clear();
+    }
+
     async fn publish(&self, topic: String, payload: Vec<u8>) -> anyhow::Result<()> {
+        self.publish_with(topic, payload, true).await
+    }
+
+    async fn publish_with(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+    ) -> anyhow::Result<()> {
         self.client
-            .publish(topic, QoS::AtLeastOnce, true, payload)
+            .publish(topic, QoS::AtLeastOnce, retain, payload)
             .await
             .context("queueing an MQTT publish")
     }
@@ -172,6 +200,13 @@ impl Publisher {
             .await?;
         tracing::info!(sequence = d.sequence, target = ?d.target, "published deployment");
         Ok(())
+    }
+
+    /// Sends a sealed command to one device, QoS 1 and not retained: a command is for
+    /// now, and a retained one would be carried out again by a device that reconnects.
+    pub async fn publish_command(&self, device: &str, sealed: Vec<u8>) -> anyhow::Result<()> {
+        self.publish_with(Topic::Command(device).render(), sealed, false)
+            .await
     }
 
     pub async fn shutdown(self) {

@@ -230,7 +230,7 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> Result<()> {
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                match client.fleet_status().await {
+                match client.fleet_status(&[]).await {
                     Ok((fs, _)) => {
                         let now = now_ms();
                         let mut text = String::from("\n");

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde_json::Value;
 
-use crate::client::{Client, DeviceRow, FleetStatus};
+use crate::client::{Client, DeviceRow};
 use crate::config::Settings;
 use crate::output::{emit, emit_json, human_size, now_ms, relative_time, Table};
 use crate::GlobalArgs;
@@ -21,8 +21,30 @@ pub struct StatusArgs {
     #[arg(long, value_name = "NAME")]
     pub module: Option<String>,
 
+    /// Only devices in this state (online and offline follow the MQTT last will; failing:
+    /// a module failed or the device reports an error)
+    #[arg(long, value_enum)]
+    pub state: Option<DeviceStateFilter>,
+
     #[command(flatten)]
     pub conn: crate::ConnArgs,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum DeviceStateFilter {
+    Online,
+    Offline,
+    Failing,
+}
+
+impl DeviceStateFilter {
+    fn as_str(self) -> &'static str {
+        match self {
+            DeviceStateFilter::Online => "online",
+            DeviceStateFilter::Offline => "offline",
+            DeviceStateFilter::Failing => "failing",
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -45,38 +67,19 @@ pub struct EventsArgs {
     pub conn: crate::ConnArgs,
 }
 
-fn keep(row: &DeviceRow, group: Option<&str>, module: Option<&str>) -> bool {
-    group.is_none_or(|g| row.groups.iter().any(|x| x == g))
-        && module.is_none_or(|m| row.modules.iter().any(|x| x.name == m))
-}
-
-/// Applies the filters to the typed rows and to the raw JSON alike, so `--json` passes the
-/// registry's own objects through, untouched apart from the filtering.
-pub fn filter(
-    status: FleetStatus,
-    raw: Value,
-    group: Option<&str>,
-    module: Option<&str>,
-) -> (Vec<DeviceRow>, Value) {
-    let raw_devices = match raw.get("devices") {
-        Some(Value::Array(a)) => a.clone(),
-        _ => Vec::new(),
-    };
-    let mut rows = Vec::new();
-    let mut kept = Vec::new();
-    for (i, row) in status.devices.into_iter().enumerate() {
-        if keep(&row, group, module) {
-            if let Some(r) = raw_devices.get(i) {
-                kept.push(r.clone());
-            }
-            rows.push(row);
-        }
+/// The registry filters; these are its query parameters.
+pub fn status_query(args: &StatusArgs) -> Vec<(&'static str, String)> {
+    let mut q = Vec::new();
+    if let Some(g) = &args.group {
+        q.push(("group", g.clone()));
     }
-    let mut out = raw;
-    if let Some(obj) = out.as_object_mut() {
-        obj.insert("devices".into(), Value::Array(kept));
+    if let Some(m) = &args.module {
+        q.push(("module", m.clone()));
     }
-    (rows, out)
+    if let Some(s) = args.state {
+        q.push(("state", s.as_str().to_string()));
+    }
+    q
 }
 
 /// The device table, one line per device.
@@ -87,6 +90,8 @@ pub fn render_table(rows: &[DeviceRow], now: u64) -> String {
         "SEQ",
         "MODULES",
         "SLOTS",
+        "FLASH FREE",
+        "RAM FREE",
         "LAST ERROR",
         "LAST SEEN",
     ]);
@@ -124,6 +129,8 @@ pub fn render_table(rows: &[DeviceRow], now: u64) -> String {
             r.sequence.map_or("-".into(), |s| s.to_string()),
             modules,
             slots,
+            r.flash_free.map_or("-".into(), human_size),
+            r.ram_free.map_or("-".into(), human_size),
             error,
             relative_time(r.last_seen_ms, now),
         ]);
@@ -161,14 +168,14 @@ pub fn summary(rows: &[DeviceRow]) -> String {
 pub async fn status(global: &GlobalArgs, args: StatusArgs) -> Result<()> {
     let client = Client::new(&Settings::resolve(&args.conn)?)?;
     let (fs, raw) = client
-        .fleet_status()
+        .fleet_status(&status_query(&args))
         .await
         .context("cannot get the fleet status")?;
-    let (rows, raw) = filter(fs, raw, args.group.as_deref(), args.module.as_deref());
     if global.json {
         emit_json(&raw);
         return Ok(());
     }
+    let rows = fs.devices;
     if rows.is_empty() {
         emit(&format!("no devices{}", filter_note(&args)));
     } else {
@@ -185,6 +192,9 @@ fn filter_note(args: &StatusArgs) -> String {
     }
     if let Some(m) = &args.module {
         parts.push(format!("with module {m}"));
+    }
+    if let Some(st) = args.state {
+        parts.push(st.as_str().to_string());
     }
     if parts.is_empty() {
         " have reported yet".into()
@@ -258,6 +268,7 @@ pub async fn device_events(global: &GlobalArgs, args: EventsArgs) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::FleetStatus;
     use serde_json::json;
 
     fn sample() -> Value {
@@ -274,22 +285,23 @@ mod tests {
     }
 
     #[test]
-    fn filters_rows_and_raw_json_together() {
-        let raw = sample();
-        let fs: FleetStatus = serde_json::from_value(raw.clone()).unwrap();
-        let (rows, out) = filter(fs, raw, Some("us"), None);
-        assert_eq!(rows.len(), 1);
-        assert_eq!(out["devices"].as_array().unwrap().len(), 1);
-        assert_eq!(out["devices"][0]["device"], "b");
-        // Fields the CLI does not model still pass through.
-        assert_eq!(out["devices"][0]["slots_total"], 4);
-
-        let raw = sample();
-        let fs: FleetStatus = serde_json::from_value(raw.clone()).unwrap();
-        let (rows, _) = filter(fs, raw, None, Some("x"));
+    fn filters_become_the_registry_query() {
+        let args = StatusArgs {
+            group: Some("eu".into()),
+            module: None,
+            state: Some(DeviceStateFilter::Failing),
+            conn: crate::ConnArgs {
+                registry: None,
+                token: None,
+                config: None,
+            },
+        };
         assert_eq!(
-            rows.iter().map(|r| r.device.as_str()).collect::<Vec<_>>(),
-            ["b"]
+            status_query(&args),
+            [
+                ("group", "eu".to_string()),
+                ("state", "failing".to_string())
+            ]
         );
     }
 

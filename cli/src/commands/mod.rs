@@ -1,9 +1,12 @@
 //! One file per command family; `main.rs` only parses and dispatches.
 
+pub mod bench;
+pub mod command;
 pub mod demo;
 pub mod deploy;
 pub mod fleet;
 pub mod publish;
+pub mod rollout;
 pub mod sim;
 
 use anyhow::{bail, Result};

@@ -1,0 +1,156 @@
+//! Two registry replicas (child processes) on one PostgreSQL and one Mosquitto: status
+//! ingest split through a shared subscription with nothing written twice, identical
+//! retained publishes, and a rollout that survives the replica driving it being killed.
+
+use serde_json::json;
+use std::time::Duration;
+use wpm_integration::{
+    example, free_port, mosquitto, postgres_database, registry_binary, unique, wait_for, Api,
+    Child, Mqtt,
+};
+
+const CONVERGE: Duration = Duration::from_secs(120);
+
+struct Replica {
+    process: Child,
+    api: Api,
+}
+
+fn start_replica(
+    bin: &std::path::Path,
+    data: &std::path::Path,
+    db: &str,
+    share: &str,
+    token: &str,
+) -> anyhow::Result<Replica> {
+    let http = format!("127.0.0.1:{}", free_port());
+    let child = std::process::Command::new(bin)
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--http", &http, "--broker", &mosquitto()?, "--database", db])
+        .args(["--ingest-share-group", share, "--token", token])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    Ok(Replica {
+        process: Child(child),
+        api: Api::new(format!("http://{http}"), token),
+    })
+}
+
+async fn wait_up(api: &Api) -> anyhow::Result<()> {
+    wait_for("a replica to answer", Duration::from_secs(30), || async {
+        Ok(api.get("/v1/health").await.ok().map(|_| ()))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_share_ingest_and_survive_a_kill() -> anyhow::Result<()> {
+    let bin = registry_binary()?;
+    let db = postgres_database().await?;
+    // One signing key for both: written before either starts.
+    let data = tempfile::tempdir()?;
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).unwrap();
+    std::fs::write(data.path().join("signing.key"), hex::encode(seed))?;
+    let token = unique("token");
+    let share = unique("wpm-registry");
+    let mut replicas = vec![
+        start_replica(&bin, data.path(), &db, &share, &token)?,
+        start_replica(&bin, data.path(), &db, &share, &token)?,
+    ];
+    for r in &replicas {
+        wait_up(&r.api).await?;
+    }
+    let key: [u8; 32] = {
+        let k = replicas[0].api.get("/v1/keys").await?.ok()?;
+        hex::decode(k["public_key"].as_str().unwrap())?
+            .try_into()
+            .unwrap()
+    };
+
+    let group = unique("rep");
+    let mut config = wpm_sim::FleetConfig::new(mosquitto()?, vec![key]);
+    config.devices = 6;
+    config.groups = vec![group.clone()];
+    config.id_prefix = unique("dev");
+    config.turn_interval_ms = 200;
+    let fleet = wpm_sim::Fleet::start(config).await?;
+    let devices = fleet.device_ids().to_vec();
+
+    let a = replicas[0].api.clone();
+    let b = replicas[1].api.clone();
+    a.publish("hello", "1.0.0", example("hello/v1.wat"))
+        .await?
+        .ok()?;
+    b.publish("hello", "2.0.0", example("hello/v2.wat"))
+        .await?
+        .ok()?;
+    let d = b.deploy("hello", "1.0.0", &group).await?.ok()?;
+    a.wait_running(&devices, "hello", "1.0.0", CONVERGE).await?;
+
+    // The shared subscription gave each message to one replica: both ingested some,
+    // and no event was written twice.
+    for r in [&a, &b] {
+        let h = r.get("/v1/health").await?.ok()?;
+        assert!(h["ingest"]["received"].as_u64().unwrap() > 0, "{h}");
+    }
+    for dev in &devices {
+        let events = a.events(dev).await?;
+        let installs = events
+            .iter()
+            .filter(|e| e["kind"] == "installed" && e["detail"]["version"] == "1.0.0")
+            .count();
+        assert_eq!(installs, 1, "{dev}: {events:?}");
+    }
+
+    // Both replicas republished at start and one deployed: the retained manifest is the
+    // newest deployment's sealed bytes, whoever published last.
+    let mut mqtt = Mqtt::connect(&mosquitto()?).await?;
+    let retained = mqtt
+        .retained(&format!("wpm/v1/deploy/group/{group}"))
+        .await?;
+    let sealed: wpm_manifests::Sealed = wpm_manifests::decode(&retained)?;
+    let body: wpm_manifests::Deployment = wpm_manifests::decode(&sealed.body)?;
+    assert_eq!(body.sequence, d["sequence"].as_u64().unwrap());
+
+    // A rollout; the replica holding the controller lease is killed after the canary.
+    let r = a
+        .post(
+            "/v1/rollouts",
+            json!({"module": "hello", "version": "2.0.0", "group": group,
+                   "stages": [20, 50, 100], "max_failure_pct": 0, "stage_timeout_s": 90}),
+        )
+        .await?
+        .ok()?;
+    let id = r["id"].as_i64().unwrap();
+    wait_for("the canary stage", CONVERGE, || async {
+        let r = a.get(&format!("/v1/rollouts/{id}")).await?.ok()?;
+        Ok((r["stage"].as_i64() >= Some(1)).then_some(()))
+    })
+    .await?;
+    let holder: String = {
+        use sqlx::{Connection as _, Row as _};
+        let mut c = sqlx::PgConnection::connect(&db).await?;
+        sqlx::query("SELECT holder FROM leases WHERE name = 'rollout-controller'")
+            .fetch_one(&mut c)
+            .await?
+            .try_get("holder")?
+    };
+    let victim = replicas
+        .iter()
+        .position(|r| holder.ends_with(&format!("-pid{}", r.process.0.id())))
+        .unwrap_or_else(|| panic!("lease holder {holder} is neither replica"));
+    replicas[victim].process.kill();
+    let survivor = replicas.remove(1 - victim);
+
+    let done = survivor.api.wait_rollout(id, "completed", CONVERGE).await?;
+    assert_eq!(done["counts"]["succeeded"], 6, "{done}");
+    survivor
+        .api
+        .wait_running(&devices, "hello", "2.0.0", CONVERGE)
+        .await?;
+    fleet.stop().await?;
+    Ok(())
+}
