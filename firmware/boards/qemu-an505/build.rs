@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::PathBuf;
 use wpm_manifests::signing::KeyPair;
-use wpm_manifests::{Chunk, Deployment, ModuleManifest, ModuleRef, Target, Topic};
+use wpm_manifests::{Action, Chunk, Command, Deployment, ModuleManifest, ModuleRef, Target, Topic};
 
 /// Test-only signing keys; the networked device trusts the key provisioned for it.
 const REGISTRY_SEED: [u8; 32] = [0x5a; 32];
@@ -76,7 +76,13 @@ impl Image {
 
 /// `memory_limit` is what the module declares: every module here uses a small custom page
 /// size, as modules for a 192 KiB device should.
-fn module_ref(name: &str, version: &str, wasm: &[u8], priority: u8, memory_limit: u32) -> ModuleRef {
+fn module_ref(
+    name: &str,
+    version: &str,
+    wasm: &[u8],
+    priority: u8,
+    memory_limit: u32,
+) -> ModuleRef {
     ModuleRef {
         name: name.into(),
         version: version.into(),
@@ -163,6 +169,24 @@ fn main() {
         data: bad.into(),
     };
     image.named("bad-chunk", &wpm_manifests::encode(&bad_chunk));
+    // Signed lifecycle commands: evict counter (held, with its state, until started
+    // again), start it (restored from its snapshot); twice, the first snapshot going to
+    // the RAM pool, the second (on a boot without a pool) to flash. Sequences must rise.
+    for (sequence, action) in [
+        (1, Action::Evict("counter".into())),
+        (2, Action::Start("counter".into())),
+        (3, Action::Evict("counter".into())),
+        (4, Action::Start("counter".into())),
+    ] {
+        let command = Command {
+            device: "qemu-ontarget".into(),
+            sequence,
+            issued_at: EPOCH_S,
+            expires_at: EPOCH_S + 30 * 24 * 3600,
+            action,
+        };
+        image.named(&format!("cmd-{sequence}"), &key.seal(&command));
+    }
 
     let provisioning = wpm_provisioning::Record {
         device_id: "qemu-ontarget".into(),
@@ -175,6 +199,7 @@ fn main() {
     image.bytes_const("FIB_WASM", &fib);
     image.bytes_const("EMPTY_WASM", &empty);
     image.bytes_const("HELLO1_WASM", &hello1);
+    image.bytes_const("COUNTER_WASM", &counter);
     writeln!(image.consts, "pub const EPOCH_S: u64 = {EPOCH_S};").unwrap();
     fs::write(out.join("image.bin"), &image.bytes).unwrap();
     fs::write(out.join("fixtures.rs"), &image.consts).unwrap();

@@ -7,7 +7,8 @@
 //! 0x1010_0000  512 KiB  module store: RAM-backed NOR flash, see [`RamNorFlash`]
 //! 0x1018_0000  4 KiB    provisioning record (loaded with -device loader,addr=0x10180000)
 //! 0x3800_0000  192 KiB  RAM (SSRAM-1), the same as the nRF9160 application gets
-//! 0x5200_0000           LAN9118 Ethernet controller
+//! 0x5000_0000           CMSDK timer 0 (netdevice: 1 kHz tick of the embassy time driver)
+//! 0x5200_0000           LAN9118 Ethernet controller (netdevice, see wpm-lan9118)
 //! ```
 //!
 //! The AN505 has no flash controller, so the module store is a region of SSRAM-0 with
@@ -47,18 +48,28 @@ pub const HEAP_SIZE: usize = 160 * 1024;
 
 /// Sets up the heap and the instruction counter. Call once, first thing.
 pub fn init() {
-    {
-        use core::mem::MaybeUninit;
-        static mut HEAP_MEM: [MaybeUninit<u8>; HEAP_SIZE] = [MaybeUninit::uninit(); HEAP_SIZE];
-        // SAFETY: called once before any allocation; HEAP_MEM is used by nothing else.
-        unsafe { HEAP.init(core::ptr::addr_of_mut!(HEAP_MEM) as usize, HEAP_SIZE) }
-    }
+    use core::mem::MaybeUninit;
+    static mut HEAP_MEM: [MaybeUninit<u8>; HEAP_SIZE] = [MaybeUninit::uninit(); HEAP_SIZE];
+    // SAFETY: `init` runs once; HEAP_MEM is used by nothing else.
+    init_heap(unsafe { &mut *core::ptr::addr_of_mut!(HEAP_MEM) });
     let mut p = cortex_m::Peripherals::take().expect("init called twice");
-    p.SYST.set_clock_source(SystClkSource::Core);
-    p.SYST.set_reload(0x00FF_FFFF);
-    p.SYST.clear_current();
-    p.SYST.enable_interrupt();
-    p.SYST.enable_counter();
+    start_counter(&mut p.SYST);
+}
+
+/// Hands `mem` to the global allocator. Call once, before any allocation (a binary that
+/// needs RAM for other statics gives a smaller heap than [`init`]'s).
+pub fn init_heap(mem: &'static mut [core::mem::MaybeUninit<u8>]) {
+    // SAFETY: called once before any allocation; `mem` is ours for good.
+    unsafe { HEAP.init(mem.as_mut_ptr() as usize, mem.len()) }
+}
+
+/// Starts SysTick as the free-running counter behind [`ticks`].
+pub fn start_counter(syst: &mut cortex_m::peripheral::SYST) {
+    syst.set_clock_source(SystClkSource::Core);
+    syst.set_reload(0x00FF_FFFF);
+    syst.clear_current();
+    syst.enable_interrupt();
+    syst.enable_counter();
 }
 
 /// Heap bytes in use now.
@@ -78,10 +89,16 @@ pub fn ticks() -> u64 {
     loop {
         let before = WRAPS.load(Ordering::Relaxed);
         let current = cortex_m::peripheral::SYST::get_current();
+        // Read inside an interrupt handler or a critical section, the counter may have
+        // wrapped without the SysTick handler having counted it yet: it is pending then,
+        // and the counter has just been reloaded (high). Counting that wrap here keeps
+        // the clock monotonic (the embassy time driver of `netdevice` relies on it).
+        let uncounted = cortex_m::peripheral::SCB::is_pendst_pending() && current > 0x0080_0000;
         // A wrap between the two reads would pair a new counter value with an old wrap
         // count; read again then.
         if WRAPS.load(Ordering::Relaxed) == before {
-            return ((before as u64) << 24) + (0x00FF_FFFF - current) as u64;
+            let wraps = before as u64 + uncounted as u64;
+            return (wraps << 24) + (0x00FF_FFFF - current) as u64;
         }
     }
 }

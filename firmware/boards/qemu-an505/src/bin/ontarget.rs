@@ -506,7 +506,116 @@ fn scenario(c: &mut Checks) -> Vec<Row> {
         h.counter() == 3 && counter_at_cut > 3,
         "counter restarted from its wasm (RAM state is not kept across power loss)",
     );
+
+    hprintln!("evict counter by signed command: snapshot to the RAM pool, then restore");
+    let command_topic = Topic::Command(&record.device_id).render();
+    c.check(
+        h.subscribed.contains(&command_topic),
+        "subscribed to its command topic",
+    );
+    evict_and_restore(
+        c,
+        &mut h,
+        &mut rows,
+        &command_topic,
+        ["cmd-1", "cmd-2"],
+        "ram",
+    );
+
+    hprintln!("power cycle onto a device without a snapshot pool: evict to flash, restore");
+    let flash = h.device.into_flash();
+    let no_pool = Limits {
+        snapshot_pool: 0,
+        ..Limits::default()
+    };
+    let device = Device::with_limits(config.clone(), no_pool, flash, h.now_ms)
+        .unwrap_or_else(|e| panic!("store after the second power cycle: {e}"));
+    let now = h.now_ms;
+    let mut h = Harness::new(device, record.device_id.clone(), now);
+    h.device.handle(h.now_ms, Input::LinkUp);
+    h.pump();
+    evict_and_restore(
+        c,
+        &mut h,
+        &mut rows,
+        &command_topic,
+        ["cmd-3", "cmd-4"],
+        "flash",
+    );
     rows
+}
+
+/// Lets counter count, evicts it with the signed command `commands[0]` (its snapshot
+/// must go to `to`), checks that it stays out, starts it again with `commands[1]` and
+/// checks that it counts on from exactly where it was evicted: a fresh start would count
+/// from 0 again.
+fn evict_and_restore(
+    c: &mut Checks,
+    h: &mut Harness,
+    rows: &mut Vec<Row>,
+    command_topic: &str,
+    [evict, start]: [&str; 2],
+    to: &'static str,
+) {
+    h.run_for(20 * TURN_MS);
+    let at_evict = h.counter();
+    let ticks = |h: &Harness| h.telemetry.get("counter").map_or(0, |(n, _)| *n);
+    let ticks_at_evict = ticks(h);
+    c.check(at_evict >= 20, "counter counted before its eviction");
+    let (evicted, ()) = measure(|| h.publish(command_topic, named(evict)));
+    c.check(
+        h.saw(|e| {
+            matches!(e, EventKind::Evicted { module, to: t, .. } if module == "counter" && t == to)
+        }),
+        if to == "ram" {
+            "an Evicted event: counter's snapshot went to RAM"
+        } else {
+            "an Evicted event: counter's snapshot went to flash"
+        },
+    );
+    h.run_for(3 * TURN_MS);
+    c.check(
+        matches!(h.module("counter"), Some((_, ModuleState::Evicted)))
+            && ticks(h) == ticks_at_evict,
+        "counter stays evicted, and does not run, until started",
+    );
+    c.check(
+        h.running("hello", "2.0.0"),
+        "hello keeps running while counter is out",
+    );
+    let (restored, ()) = measure(|| h.publish(command_topic, named(start)));
+    rows.push(Row {
+        what: if to == "ram" {
+            "evict + restore counter through RAM by 2 signed commands, end to end (2 ed25519 verifications)"
+        } else {
+            "evict + restore counter through flash by 2 signed commands, end to end"
+        },
+        instructions: evicted + restored,
+    });
+    c.check(
+        h.saw(|e| matches!(e, EventKind::Restored { module, .. } if module == "counter")),
+        "a Restored event for counter",
+    );
+    c.check(h.running("counter", "1.0.0"), "counter runs again");
+    h.run_for(5 * TURN_MS);
+    let ticked = ticks(h) - ticks_at_evict;
+    let value = h.counter();
+    if value != at_evict + ticked {
+        hprintln!(
+            "    counter {} at eviction, {} after {} ticks since",
+            at_evict,
+            value,
+            ticked
+        );
+    }
+    c.check(
+        ticked >= 5 && value == at_evict + ticked,
+        if to == "ram" {
+            "counter continues exactly from its RAM snapshot"
+        } else {
+            "counter continues exactly from its flash snapshot"
+        },
+    );
 }
 
 #[inline(never)]
@@ -597,6 +706,8 @@ fn benchmarks(c: &mut Checks) -> Vec<Row> {
     });
     drop(empty);
 
+    evict_restore_components(c, &mut rows, &runtime);
+
     let (native, n) = measure(|| fib_native(core::hint::black_box(24)));
     c.check(n == 46368, "native fib(24) = 46368");
     rows.push(Row {
@@ -633,4 +744,112 @@ fn benchmarks(c: &mut Checks) -> Vec<Row> {
         });
     }
     rows
+}
+
+/// What eviction and restore cost by themselves, without the command's signature check
+/// or the other slots' ticks: the steps `Device` takes, on counter with a count in its
+/// memory, through a CBOR snapshot in RAM and through the board's module store.
+fn evict_restore_components(
+    c: &mut Checks,
+    rows: &mut Vec<Row>,
+    runtime: &wpm_device_pm::runtime::Runtime,
+) {
+    use wpm_device_pm::runtime::HostCall;
+    use wpm_device_pm::snapshot::Snapshot;
+    use wpm_device_pm::store::Store;
+    let key = Record::decode(fixtures::PROVISIONING)
+        .unwrap()
+        .trusted_keys();
+    let deployment: Deployment = TrustedKeys::new(&key)
+        .open(named("deploy-1"))
+        .expect("deploy-1 verifies");
+    let module = (deployment.modules.iter())
+        .find(|m| m.name == "counter")
+        .expect("deploy-1 has counter")
+        .clone();
+    // The count counter last published, from a slot's host calls.
+    let count = |calls: Vec<HostCall>| {
+        calls.into_iter().rev().find_map(|call| match call {
+            HostCall::Telemetry(p) => p
+                .get(..4)
+                .map(|b| u32::from_le_bytes(b.try_into().unwrap())),
+            _ => None,
+        })
+    };
+    let Ok(mut instance) = runtime.load(&module, fixtures::COUNTER_WASM, 0) else {
+        c.check(false, "counter instantiates");
+        return;
+    };
+    // wpm_init, then 10 ticks.
+    for _ in 0..11 {
+        let _ = instance.run_slice(0);
+    }
+    c.check(
+        count(instance.take_calls()) == Some(10),
+        "counter counted to 10 in a bare slot",
+    );
+
+    let (evict, bytes) = measure(|| {
+        let bytes = instance.snapshot(10).map(|s| wpm_manifests::encode(&s));
+        drop(instance);
+        bytes
+    });
+    rows.push(Row {
+        what: "evict to RAM: snapshot counter (4 KiB memory) + CBOR encode + free the slot",
+        instructions: evict,
+    });
+    let Ok(bytes) = bytes else {
+        c.check(false, "counter snapshots");
+        return;
+    };
+    let (restore, restored) = measure(|| {
+        let snapshot: Snapshot = wpm_manifests::decode(&bytes).map_err(|e| e.to_string())?;
+        (runtime.restore(&module, fixtures::COUNTER_WASM, &snapshot, 0)).map_err(|e| e.reason)
+    });
+    rows.push(Row {
+        what: "restore from RAM: CBOR decode + instantiate counter + write back memory and globals",
+        instructions: restore,
+    });
+    let next = restored.map(|mut i| {
+        let _ = i.run_slice(0);
+        count(i.take_calls())
+    });
+    c.check(
+        next == Ok(Some(11)),
+        "counter restored from a RAM snapshot ticks on to 11",
+    );
+
+    // SAFETY: the scenario's devices, which owned the store region, are gone.
+    let mut flash = unsafe { RamNorFlash::store_region() };
+    flash.erase_all();
+    let Ok(mut store) = Store::open(flash, Limits::default().bank_size) else {
+        c.check(false, "the module store opens");
+        return;
+    };
+    let (save, saved) = measure(|| store.save_snapshot(&module.sha256, &bytes));
+    c.check(saved.is_ok(), "the snapshot is written to flash");
+    rows.push(Row {
+        what: "evict to flash: the above + erase, write, state record (NOR rules)",
+        instructions: evict + save,
+    });
+    let (load, restored) = measure(|| {
+        let bytes = store
+            .load_snapshot(&module.sha256)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "no snapshot in flash".to_string())?;
+        let snapshot: Snapshot = wpm_manifests::decode(&bytes).map_err(|e| e.to_string())?;
+        (runtime.restore(&module, fixtures::COUNTER_WASM, &snapshot, 0)).map_err(|e| e.reason)
+    });
+    rows.push(Row {
+        what: "restore from flash: read + sha256 check + the RAM restore",
+        instructions: load,
+    });
+    let next = restored.map(|mut i| {
+        let _ = i.run_slice(0);
+        count(i.take_calls())
+    });
+    c.check(
+        next == Ok(Some(11)),
+        "counter restored from a flash snapshot ticks on to 11",
+    );
 }
