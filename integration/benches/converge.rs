@@ -7,7 +7,7 @@
 //! (per-device cost as the fleet grows), not across runs.
 
 use std::time::{Duration, Instant};
-use wpm_integration::{example, unique, Backend, Env};
+use wpm_integration::{unique, Backend, Env};
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
@@ -21,11 +21,8 @@ async fn main() -> anyhow::Result<()> {
         sizes
     };
     let env = Env::start(Backend::EmbeddedSqlite).await?;
-    let v1 = example("hello/v1.wat");
-    let v2 = example("hello/v2.wat");
-    let size = v1.len();
-    env.api.publish("hello", "1.0.0", v1).await?.ok()?;
-    env.api.publish("hello", "2.0.0", v2).await?.ok()?;
+    let [v1, _] = env.api.publish_hello().await?;
+    let size = v1["size"].as_u64().unwrap_or_default();
 
     println!("module size {size} bytes; embedded rumqttd + SQLite; one process");
     println!(

@@ -168,6 +168,20 @@ impl Api {
         .await
     }
 
+    /// Publishes the example module `hello` as 1.0.0 and 2.0.0 (`examples/hello/`), the
+    /// pair most scenarios install and upgrade between; returns the registry's answers.
+    pub async fn publish_hello(&self) -> Result<[Value; 2]> {
+        let v1 = self
+            .publish("hello", "1.0.0", example("hello/v1.wat"))
+            .await?
+            .ok()?;
+        let v2 = self
+            .publish("hello", "2.0.0", example("hello/v2.wat"))
+            .await?
+            .ok()?;
+        Ok([v1, v2])
+    }
+
     /// Deploys to a group, or to one device when `device` is true.
     pub async fn deploy(&self, module: &str, version: &str, group: &str) -> Result<Answer> {
         let body = json!({"module": module, "version": version, "group": group});

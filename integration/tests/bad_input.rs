@@ -36,15 +36,7 @@ async fn device_refuses_bad_manifests_and_chunks() -> anyhow::Result<()> {
     let device = config.device_id(0);
     let mut wire = Mqtt::connect(&env.mqtt_url).await?;
 
-    env.api
-        .publish("hello", "1.0.0", example("hello/v1.wat"))
-        .await?
-        .ok()?;
-    let v2 = env
-        .api
-        .publish("hello", "2.0.0", example("hello/v2.wat"))
-        .await?
-        .ok()?;
+    let [_, v2] = env.api.publish_hello().await?;
     let fleet = wpm_sim::Fleet::start(config.clone()).await?;
     env.api.deploy("hello", "1.0.0", &group).await?.ok()?;
     env.api

@@ -5,7 +5,7 @@
 
 use serde_json::json;
 use std::time::Duration;
-use wpm_integration::{example, unique, Backend, Env, OwnMosquitto};
+use wpm_integration::{unique, Backend, Env, OwnMosquitto};
 
 const CONVERGE: Duration = Duration::from_secs(120);
 
@@ -16,14 +16,7 @@ async fn rollout_survives_a_broker_restart() -> anyhow::Result<()> {
     let group = unique("restart");
     let fleet = wpm_sim::Fleet::start(env.fleet_config(8, &group)).await?;
     let devices = fleet.device_ids().to_vec();
-    env.api
-        .publish("hello", "1.0.0", example("hello/v1.wat"))
-        .await?
-        .ok()?;
-    env.api
-        .publish("hello", "2.0.0", example("hello/v2.wat"))
-        .await?
-        .ok()?;
+    env.api.publish_hello().await?;
     env.api.deploy("hello", "1.0.0", &group).await?.ok()?;
     env.api
         .wait_running(&devices, "hello", "1.0.0", CONVERGE)

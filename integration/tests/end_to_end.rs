@@ -3,7 +3,7 @@
 //! signatures, real wasm.
 
 use std::time::{Duration, Instant};
-use wpm_integration::{example, unique, Backend, Env, Telemetry};
+use wpm_integration::{unique, Backend, Env, Telemetry};
 
 const CONVERGE: Duration = Duration::from_secs(90);
 
@@ -14,14 +14,7 @@ async fn publish_deploy_upgrade(backend: Backend) -> anyhow::Result<()> {
     let devices = fleet.device_ids().to_vec();
     let telemetry = Telemetry::watch(&env.mqtt_url, "hello").await?;
 
-    env.api
-        .publish("hello", "1.0.0", example("hello/v1.wat"))
-        .await?
-        .ok()?;
-    env.api
-        .publish("hello", "2.0.0", example("hello/v2.wat"))
-        .await?
-        .ok()?;
+    env.api.publish_hello().await?;
 
     // Install v1, then upgrade to v2: each time every device runs it and its telemetry
     // (which names the version) arrives at the broker.

@@ -16,7 +16,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use wpm_integration::{example, unique, Backend, Env, OwnMosquitto};
+use wpm_integration::{unique, Backend, Env, OwnMosquitto};
 
 /// wasmi under TCG emulation is slower than the simulator, and QEMU's device turns once
 /// a second (3 turns of health check per upgrade): generous.
@@ -159,14 +159,7 @@ async fn qemu_device_installs_and_upgrades_with_the_fleet() -> Result<()> {
     let mut devices = fleet.device_ids().to_vec();
     devices.push("qemu-0".to_string());
 
-    env.api
-        .publish("hello", "1.0.0", example("hello/v1.wat"))
-        .await?
-        .ok()?;
-    env.api
-        .publish("hello", "2.0.0", example("hello/v2.wat"))
-        .await?
-        .ok()?;
+    env.api.publish_hello().await?;
     for version in ["1.0.0", "2.0.0"] {
         let started = std::time::Instant::now();
         env.api.deploy("hello", version, &group).await?.ok()?;
