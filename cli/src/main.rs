@@ -128,7 +128,7 @@ enum Command {
     #[command(subcommand)]
     Modules(ModulesCommand),
 
-    /// One device's history
+    /// One device: its events, and signed lifecycle commands (start, stop, pin, unpin, evict)
     #[command(subcommand)]
     Device(DeviceCommand),
 
@@ -183,7 +183,8 @@ enum DeviceCommand {
   wpm device events dev-17
   wpm device events dev-17 --limit 100 --json")]
     Events(fleet::EventsArgs),
-    /// Start a stopped module (a signed command; waits for the device's answer)
+    /// Start a stopped or evicted module (a signed command; waits for the device's answer).
+    /// An evicted module continues exactly where it was; a stopped one starts afresh
     #[command(after_help = "Examples:
   wpm device start dev-17 hello
   wpm device start dev-17 hello --no-wait")]
@@ -194,7 +195,8 @@ enum DeviceCommand {
     Pin(command::CommandArgs),
     /// Unpin a module
     Unpin(command::CommandArgs),
-    /// Snapshot a module out of its runtime slot, freeing it
+    /// Snapshot a module out of its runtime slot, freeing the slot's RAM. It stays
+    /// evicted, its state kept, until `wpm device start` restores it
     Evict(command::CommandArgs),
 }
 

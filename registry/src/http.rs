@@ -163,9 +163,18 @@ fn wasm_features() -> wasmparser::WasmFeatures {
         | F::CUSTOM_PAGE_SIZES
 }
 
-/// Validates `bytes` as a module the devices can run; returns the initial size in bytes
-/// of its first linear memory (0 without one).
-pub fn validate_wasm(bytes: &[u8]) -> Result<u64, String> {
+/// The first linear memory a module declares, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeclaredMemory {
+    pub initial: u64,
+    /// The declared maximum; the initial size where none is declared, because a device
+    /// grants no more than the limit and an operator who wants growth says how much.
+    pub maximum: u64,
+}
+
+/// Validates `bytes` as a module the devices can run; returns the memory it declares
+/// (zero without one).
+pub fn validate_wasm(bytes: &[u8]) -> Result<DeclaredMemory, String> {
     let mut v = wasmparser::Validator::new_with_features(wasm_features());
     let types = v
         .validate_all(bytes)
@@ -179,11 +188,17 @@ pub fn validate_wasm(bytes: &[u8]) -> Result<u64, String> {
             )
         })?;
     if types.as_ref().memory_count() == 0 {
-        return Ok(0);
+        return Ok(DeclaredMemory {
+            initial: 0,
+            maximum: 0,
+        });
     }
     let m = types.as_ref().memory_at(0);
     let page = 1u64 << m.page_size_log2.unwrap_or(16);
-    Ok(m.initial.saturating_mul(page))
+    Ok(DeclaredMemory {
+        initial: m.initial.saturating_mul(page),
+        maximum: m.maximum.unwrap_or(m.initial).saturating_mul(page),
+    })
 }
 
 async fn upload_module(
@@ -223,15 +238,20 @@ async fn upload_module(
     }
     let memory = validate_wasm(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
     let memory_limit = match params.memory_limit {
-        Some(l) if u64::from(l) < memory => {
+        Some(l) if u64::from(l) < memory.initial => {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
-                format!("memory_limit {l} is below the module's initial memory of {memory} bytes"),
+                format!(
+                    "memory_limit {l} is below the module's initial memory of {} bytes",
+                    memory.initial
+                ),
             ))
         }
         Some(l) => l,
-        // Default: what the module declares it starts with, at least one 64 KiB page.
-        None => u32::try_from(memory.max(65536)).map_err(|_| {
+        // Default: what the module declares, no more. Slots are carved from a device's
+        // RAM by these limits, so a 1 KiB module (custom page size) must not reserve a
+        // 64 KiB page.
+        None => u32::try_from(memory.maximum).map_err(|_| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "the module's initial memory exceeds 4 GiB",
@@ -721,12 +741,27 @@ mod tests {
     #[test]
     fn validates_wasm_and_reads_memory() {
         let empty = b"\0asm\x01\0\0\0";
-        assert_eq!(validate_wasm(empty), Ok(0));
+        let none = DeclaredMemory {
+            initial: 0,
+            maximum: 0,
+        };
+        assert_eq!(validate_wasm(empty), Ok(none));
         // (module (memory 2))
         let mem = [
             0, 0x61, 0x73, 0x6d, 1, 0, 0, 0, 5, 3, 1, 0, 2, // memory section: 1 memory, min 2
         ];
-        assert_eq!(validate_wasm(&mem), Ok(2 * 65536));
+        let two_pages = DeclaredMemory {
+            initial: 2 * 65536,
+            maximum: 2 * 65536,
+        };
+        assert_eq!(validate_wasm(&mem), Ok(two_pages));
+        // A 1 KiB memory with a custom page size of 1 byte, growable to 4 KiB.
+        let small = wat::parse_str("(module (memory 1024 4096 (pagesize 1)))").unwrap();
+        let small_limits = DeclaredMemory {
+            initial: 1024,
+            maximum: 4096,
+        };
+        assert_eq!(validate_wasm(&small), Ok(small_limits));
         let err = validate_wasm(b"hello world").unwrap_err();
         assert!(err.starts_with("not a WebAssembly module"), "{err}");
         assert!(!err.contains('\n'), "{err}");
