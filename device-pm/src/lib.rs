@@ -297,7 +297,13 @@ impl<F: NorFlash> Device<F> {
                 let failure = self.failed.get(&sha(&i.module));
                 let name_resident = self.slots.iter().any(|s| s.module.name == i.module.name);
                 let s = if self.slot_of(&i.module.sha256).is_some() {
-                    ModuleState::Running
+                    // Until its health check passes, a new version is not yet the one
+                    // the device stands by: a rollout must not count it as a success.
+                    if i.confirmed {
+                        ModuleState::Running
+                    } else {
+                        ModuleState::Verifying
+                    }
                 } else if failure.is_some() {
                     ModuleState::Failed
                 } else if self.has_snapshot(&i.module.sha256) && !name_resident {
@@ -1089,6 +1095,8 @@ impl<F: NorFlash> Device<F> {
                 version: m.version,
             });
         }
+        // `verifying` becomes `running`; a first install has no Removed event to say so.
+        self.status_dirty = true;
     }
 
     // ---- lifecycle commands ----

@@ -91,10 +91,17 @@ fn installs_and_runs_a_module() {
     assert_eq!(status.flash_free, 4 * LIMITS.bank_size);
     assert!(status.ram_free < LIMITS.ram_budget - 65536);
     assert_eq!(status.last_error, None);
-    let retained = &w.retained[&Topic::Status(DEVICE).render()];
-    let published: wpm_manifests::DeviceStatus = wpm_manifests::decode(retained).unwrap();
+    // Two turns in, the health check (HEALTH_TURNS = 3) is still under way.
+    let published = |w: &World| -> wpm_manifests::DeviceStatus {
+        wpm_manifests::decode(&w.retained[&Topic::Status(DEVICE).render()]).unwrap()
+    };
     assert_eq!(
-        published.modules[0].state,
+        published(&w).modules[0].state,
+        wpm_manifests::ModuleState::Verifying
+    );
+    w.advance(TURN_MS);
+    assert_eq!(
+        published(&w).modules[0].state,
         wpm_manifests::ModuleState::Running
     );
 }
@@ -129,7 +136,7 @@ fn upgrades_v1_to_v2_and_frees_v1() {
         w.modules(),
         vec![
             module_state("hello", "1.0.0", "installed"),
-            module_state("hello", "2.0.0", "running")
+            module_state("hello", "2.0.0", "verifying")
         ]
     );
     assert_eq!(w.dev().status().flash_free, 3 * LIMITS.bank_size);
@@ -395,7 +402,10 @@ fn download_resumes_after_reboot_without_refetching_held_chunks() {
     for (i, data) in wasm.chunks(CHUNK_SIZE as usize).enumerate().skip(3) {
         w.publish_chunk(&sha, i as u32, data);
     }
-    assert_eq!(w.modules(), vec![module_state("hello", "1.0.0", "running")]);
+    assert_eq!(
+        w.modules(),
+        vec![module_state("hello", "1.0.0", "verifying")]
+    );
     // Chunks 0..3 were in flash before the reboot: found there, not asked for again.
     for i in 0..3 {
         let asked = w.subscriptions[&Topic::Chunk(&sha, i).render()];
@@ -415,7 +425,10 @@ fn download_resumes_after_link_down_and_up() {
         w.publish_chunk(&sha, i as u32, data);
     }
     w.input(Input::LinkUp);
-    assert_eq!(w.modules(), vec![module_state("hello", "1.0.0", "running")]);
+    assert_eq!(
+        w.modules(),
+        vec![module_state("hello", "1.0.0", "verifying")]
+    );
     assert_eq!(w.subscriptions[&Topic::Chunk(&sha, 0).render()], 1);
 }
 

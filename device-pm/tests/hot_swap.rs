@@ -55,7 +55,7 @@ fn new_version_with_takeover_continues_the_old_ones_count() {
         w.modules(),
         vec![
             module_state("hello", "1.0.0", "installed"),
-            module_state("hello", "2.0.0", "running")
+            module_state("hello", "2.0.0", "verifying")
         ]
     );
     w.advance(TURN_MS * (HEALTH_TURNS as u64 + 2));

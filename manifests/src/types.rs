@@ -145,6 +145,9 @@ pub enum ModuleState {
     Failed,
     #[n(5)]
     Evicted,
+    /// A new version runs its health check; the old one stays in flash until it passes.
+    #[n(6)]
+    Verifying,
 }
 
 impl ModuleState {
@@ -156,6 +159,7 @@ impl ModuleState {
             ModuleState::Stopped => "stopped",
             ModuleState::Failed => "failed",
             ModuleState::Evicted => "evicted",
+            ModuleState::Verifying => "verifying",
         }
     }
 }

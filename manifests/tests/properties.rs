@@ -80,7 +80,7 @@ fn status() -> impl Strategy<Value = DeviceStatus> {
         name(),
         name(),
         digest(),
-        0u8..6,
+        0u8..7,
         proptest::option::of(".{0,20}"),
     )
         .prop_map(|(name, version, sha256, s, last_error)| {
@@ -91,6 +91,7 @@ fn status() -> impl Strategy<Value = DeviceStatus> {
                 ModuleState::Stopped,
                 ModuleState::Failed,
                 ModuleState::Evicted,
+                ModuleState::Verifying,
             ][s as usize];
             ModuleStatus {
                 name,

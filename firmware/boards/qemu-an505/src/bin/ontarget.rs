@@ -343,19 +343,16 @@ fn scenario(c: &mut Checks) -> Vec<Row> {
             "install 2 modules (verify deployment, 4 manifests/chunks each, sha256, commit, start)",
         instructions: install,
     });
-    c.check(h.running("hello", "1.0.0"), "hello 1.0.0 runs");
-    c.check(h.running("counter", "1.0.0"), "counter 1.0.0 runs");
-    if !h.running("counter", "1.0.0") {
-        for m in h.device.status().modules {
-            hprintln!(
-                "    {} {} {:?} {:?}",
-                m.name,
-                m.version,
-                m.state,
-                m.last_error
-            );
-        }
-    }
+    let verifying =
+        |h: &Harness, name| h.module(name) == Some(("1.0.0".into(), ModuleState::Verifying));
+    c.check(
+        verifying(&h, "hello"),
+        "hello 1.0.0 started, on its health check",
+    );
+    c.check(
+        verifying(&h, "counter"),
+        "counter 1.0.0 started, on its health check",
+    );
     c.check(
         h.device.status().sequence == 1,
         "deployment sequence 1 accepted",
@@ -384,6 +381,14 @@ fn scenario(c: &mut Checks) -> Vec<Row> {
     c.check(
         h.counter() == 5,
         "counter counted 5 turns in its linear memory",
+    );
+    c.check(
+        h.running("hello", "1.0.0"),
+        "hello 1.0.0 passed its health check and runs",
+    );
+    c.check(
+        h.running("counter", "1.0.0"),
+        "counter 1.0.0 passed its health check and runs",
     );
 
     hprintln!("a deployment signed by an untrusted key");
