@@ -192,10 +192,11 @@ pub struct StatusWrite {
     /// so a registry restart does not make every device look freshly seen.
     pub seen_at: i64,
     pub live: bool,
-    pub modules: Vec<DeviceModuleWrite>,
+    pub modules: Vec<DeviceModule>,
 }
 
-pub struct DeviceModuleWrite {
+/// One module as a device reported it: what ingest writes and the fleet view reads.
+pub struct DeviceModule {
     pub name: String,
     pub version: String,
     pub sha256: Vec<u8>,
@@ -230,15 +231,7 @@ pub struct DeviceView {
     pub flash_free: i64,
     pub ram_free: i64,
     pub last_error: Option<String>,
-    pub modules: Vec<DeviceModuleView>,
-}
-
-pub struct DeviceModuleView {
-    pub name: String,
-    pub version: String,
-    pub sha256: Vec<u8>,
-    pub state: String,
-    pub last_error: Option<String>,
+    pub modules: Vec<DeviceModule>,
 }
 
 pub struct EventView {
@@ -671,7 +664,7 @@ impl Db {
         for r in &rows {
             let device: String = r.try_get("device")?;
             if let Some(&i) = index.get(&device) {
-                devices[i].modules.push(DeviceModuleView {
+                devices[i].modules.push(DeviceModule {
                     name: r.try_get("name")?,
                     version: r.try_get("version")?,
                     sha256: r.try_get("sha256")?,

@@ -5,7 +5,7 @@
 //! batches (up to [`BATCH_MAX`] messages or [`BATCH_WINDOW`], one transaction), so a
 //! fleet reporting at once costs a few transactions and not one per message.
 
-use crate::db::{self, Db, DeviceModuleWrite, EventWrite, PresenceWrite, StatusWrite};
+use crate::db::{self, Db, DeviceModule, EventWrite, PresenceWrite, StatusWrite};
 use crate::publish::{client_id, drive, wait_connected, MqttSettings};
 use rumqttc::{AsyncClient, Event, Packet, QoS, SubscribeFilter};
 use std::collections::HashMap;
@@ -240,7 +240,7 @@ fn decode_message(m: &Raw, now: i64) -> Result<Decoded, String> {
                 modules: s
                     .modules
                     .iter()
-                    .map(|x| DeviceModuleWrite {
+                    .map(|x| DeviceModule {
                         name: x.name.clone(),
                         version: x.version.clone(),
                         sha256: x.sha256.to_vec(),
