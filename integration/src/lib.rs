@@ -218,6 +218,22 @@ impl Api {
             .await
     }
 
+    /// Starts a rollout of `module@version` to `group` in `stages` (percentages) that
+    /// halts on the first failure; returns its id.
+    pub async fn create_rollout(
+        &self,
+        module: &str,
+        version: &str,
+        group: &str,
+        stages: &[u32],
+        stage_timeout_s: u64,
+    ) -> Result<i64> {
+        let body = json!({"module": module, "version": version, "group": group, "stages": stages,
+                          "max_failure_pct": 0, "stage_timeout_s": stage_timeout_s});
+        let r = self.post("/v1/rollouts", body).await?.ok()?;
+        r["id"].as_i64().context("rollout answer without an id")
+    }
+
     /// Waits until rollout `id` is in `state`; fails early if it ends in another one.
     pub async fn wait_rollout(&self, id: i64, state: &str, timeout: Duration) -> Result<Value> {
         wait_for(&format!("rollout {id} to be {state}"), timeout, || async {

@@ -3,7 +3,6 @@
 //! on reconnect, devices reconnect and resume, and every device ends running the new
 //! version and nothing else.
 
-use serde_json::json;
 use std::time::Duration;
 use wpm_integration::{unique, Backend, Env, OwnMosquitto};
 
@@ -22,16 +21,10 @@ async fn rollout_survives_a_broker_restart() -> anyhow::Result<()> {
         .wait_running(&devices, "hello", "1.0.0", CONVERGE)
         .await?;
 
-    let r = env
+    let id = env
         .api
-        .post(
-            "/v1/rollouts",
-            json!({"module": "hello", "version": "2.0.0", "group": group,
-                   "stages": [25, 100], "max_failure_pct": 0, "stage_timeout_s": 120}),
-        )
-        .await?
-        .ok()?;
-    let id = r["id"].as_i64().unwrap();
+        .create_rollout("hello", "2.0.0", &group, &[25, 100], 120)
+        .await?;
     // Kill it once the canary stage has gone out, before the rollout is done.
     wpm_integration::wait_for("the canary stage", CONVERGE, || async {
         let r = env.api.get(&format!("/v1/rollouts/{id}")).await?.ok()?;

@@ -2,7 +2,6 @@
 //! ingest split through a shared subscription with nothing written twice, identical
 //! retained publishes, and a rollout that survives the replica driving it being killed.
 
-use serde_json::json;
 use std::time::Duration;
 use wpm_integration::{
     example, free_port, mosquitto, postgres_database, registry_binary, unique, wait_for, Api,
@@ -116,15 +115,9 @@ async fn two_replicas_share_ingest_and_survive_a_kill() -> anyhow::Result<()> {
     assert_eq!(body.sequence, d["sequence"].as_u64().unwrap());
 
     // A rollout; the replica holding the controller lease is killed after the canary.
-    let r = a
-        .post(
-            "/v1/rollouts",
-            json!({"module": "hello", "version": "2.0.0", "group": group,
-                   "stages": [20, 50, 100], "max_failure_pct": 0, "stage_timeout_s": 90}),
-        )
-        .await?
-        .ok()?;
-    let id = r["id"].as_i64().unwrap();
+    let id = a
+        .create_rollout("hello", "2.0.0", &group, &[20, 50, 100], 90)
+        .await?;
     wait_for("the canary stage", CONVERGE, || async {
         let r = a.get(&format!("/v1/rollouts/{id}")).await?.ok()?;
         Ok((r["stage"].as_i64() >= Some(1)).then_some(()))

@@ -100,16 +100,10 @@ async fn staged_rollouts(backend: Backend) -> anyhow::Result<()> {
 
     // A version that traps: the canary fails its health check, the rollout halts
     // there and the canary gets a rollback manifest; no other device sees 3.0.0.
-    let r = env
+    let bad = env
         .api
-        .post(
-            "/v1/rollouts",
-            json!({"module": "hello", "version": "3.0.0", "group": group,
-                   "stages": [25, 100], "max_failure_pct": 0, "stage_timeout_s": 60}),
-        )
-        .await?
-        .ok()?;
-    let bad = r["id"].as_i64().unwrap();
+        .create_rollout("hello", "3.0.0", &group, &[25, 100], 60)
+        .await?;
     let r = env.api.wait_rollout(bad, "rolled_back", CONVERGE).await?;
     assert!(
         r["reason"].as_str().unwrap_or_default().contains("halted"),
