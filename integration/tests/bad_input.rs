@@ -108,8 +108,16 @@ async fn device_refuses_bad_manifests_and_chunks() -> anyhow::Result<()> {
         .wait_event(&device, "chunk_rejected", "", WAIT)
         .await?;
     still_runs(&env, &device, "1.0.0").await?;
-    // The genuine chunk comes back; the device fetches it again and finishes.
+    // After a few refetches of the same bad chunk the device gives up on v2, and does
+    // not try it again for this deployment; v1 runs on.
+    env.api
+        .wait_event(&device, "install_failed", "2.0.0", WAIT)
+        .await?;
+    still_runs(&env, &device, "1.0.0").await?;
+    // The genuine chunk comes back and the operator deploys again (a newer sequence):
+    // the device fetches what it lacks and finishes.
     wire.publish(&chunk_topic, genuine_chunk, true).await?;
+    env.api.deploy("hello", "2.0.0", &group).await?.ok()?;
     env.api
         .wait_running(std::slice::from_ref(&device), "hello", "2.0.0", WAIT)
         .await?;
