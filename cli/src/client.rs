@@ -63,6 +63,11 @@ pub struct DeployRequest {
     pub group: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+    /// Health window asked of the new version; the registry's default when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_turns: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_seconds: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

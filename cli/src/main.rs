@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 
-use crate::commands::{bench, command, demo, deploy, fleet, publish, rollout, sim};
+use crate::commands::{bench, broker, command, demo, deploy, fleet, publish, rollout, sim};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -144,6 +144,10 @@ enum Command {
     #[command(subcommand)]
     Registry(RegistryCommand),
 
+    /// What an external MQTT broker needs to serve the registry
+    #[command(subcommand)]
+    Broker(BrokerCommand),
+
     /// Run simulated devices (the real device-pm core under tokio) until Ctrl-C
     #[command(after_help = "Examples:
   wpm sim --devices 10 --group eu                  # trust the key from the registry's /v1/keys
@@ -201,6 +205,16 @@ enum DeviceCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum BrokerCommand {
+    /// Print (or write) the broker configuration: deep queues for the registry's
+    /// persistent ingest session, persistence, packet size
+    #[command(after_help = "Examples:
+  wpm broker config --mosquitto > /etc/mosquitto/conf.d/wpm.conf
+  wpm broker config --mosquitto --port 8883 --out wpm.conf")]
+    Config(broker::ConfigArgs),
+}
+
+#[derive(Debug, Subcommand)]
 enum RegistryCommand {
     /// Serve the registry HTTP API and MQTT side until Ctrl-C
     Serve(#[command(flatten)] wpm_registry::ServeArgs),
@@ -210,12 +224,10 @@ impl Command {
     /// Servers are worth hearing from at info level; client commands should stay quiet.
     fn default_log_level(&self) -> &'static str {
         match self {
-            Command::Registry(_) => "info",
-            // The benchmark's embedded broker logs every device disconnect at ERROR.
-            Command::Bench(_) => "warn,rumqttd=off",
-            // The embedded broker logs every device disconnect at ERROR when the demo stops;
-            // that is noise for a first-time user (-v or RUST_LOG bring it back).
-            Command::Demo(_) => "warn,rumqttd=off",
+            Command::Registry(_) => wpm_registry::DEFAULT_LOG_FILTER,
+            // The embedded broker logs every device disconnect; that is noise for a
+            // first-time user (-v or RUST_LOG bring it back).
+            Command::Bench(_) | Command::Demo(_) => "warn,rmqtt=error,rmqtt_net=error",
             _ => "warn",
         }
     }
@@ -261,7 +273,9 @@ impl Command {
             ) => &mut a.conn,
             Command::Rollout(r) => r.conn_mut(),
             Command::Sim(a) => &mut a.conn,
-            Command::Bench(_) | Command::Registry(_) | Command::Demo(_) => return None,
+            Command::Bench(_) | Command::Registry(_) | Command::Broker(_) | Command::Demo(_) => {
+                return None
+            }
         })
     }
 }
@@ -285,6 +299,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
         Command::Rollout(cmd) => rollout::run(g, cmd).await,
         Command::Bench(cmd) => bench::run(g, cmd).await,
         Command::Registry(RegistryCommand::Serve(args)) => wpm_registry::serve(args).await,
+        Command::Broker(BrokerCommand::Config(args)) => broker::config(args),
         Command::Sim(args) => sim::run(g, args).await,
         Command::Demo(args) => demo::run(g, args).await,
     }

@@ -15,8 +15,8 @@
 //! 3. The bank is read back and its sha256 checked, then a new state record commits it
 //!    as an *unconfirmed* install ([`store`]).
 //! 4. It replaces the running version of the same name between two scheduler turns and
-//!    must pass its health check: `wpm_init` returns 0 and [`HEALTH_TURNS`] ticks run
-//!    without trapping. Then it is confirmed and the old version's bank is freed;
+//!    must pass its health check: `wpm_init` returns 0, then it runs the deployment's
+//!    [`HealthWindow`] (turns without trapping, seconds up). Then it is confirmed and the old version's bank is freed;
 //!    otherwise the old version is restarted and the new one refused until a newer
 //!    deployment arrives (a `RolledBack` event says why; the old version continues from
 //!    the state it was swapped out with).
@@ -41,6 +41,7 @@ pub mod runtime;
 pub mod sim_flash;
 pub mod snapshot;
 pub mod store;
+pub mod tuning;
 
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::format;
@@ -52,14 +53,12 @@ use runtime::{HostCall, Instance, Runtime, Slice};
 use snapshot::Snapshot;
 use store::{Installed, PinOverride, Refused, Staging, Store};
 use wpm_manifests::{
-    Action, Chunk, Command, Deployment, DeviceStatus, Event, EventKind, ModuleManifest, ModuleRef,
-    ModuleState, ModuleStatus, Presence, Target, Topic, TrustedKeys,
+    Action, Chunk, Command, Deployment, DeviceStatus, Event, EventKind, HealthWindow,
+    ModuleManifest, ModuleRef, ModuleState, ModuleStatus, Presence, Target, Topic, TrustedKeys,
 };
 
 pub use store::StoreError;
-
-/// Scheduler turns a new version must run without trapping before it is confirmed.
-pub const HEALTH_TURNS: u32 = 3;
+pub use tuning::{Qos, Tuning};
 
 /// What the device is and how it behaves. Names must satisfy [`wpm_manifests::valid_name`].
 #[derive(Debug, Clone)]
@@ -67,15 +66,10 @@ pub struct Config {
     pub device_id: String,
     pub groups: Vec<String>,
     pub trusted_keys: Vec<[u8; 32]>,
-    /// Most wasmi runtime slots; fewer are used when the modules' RAM reservations
-    /// (see [`Limits::ram_budget`]) do not fit.
-    pub slots: usize,
-    /// Most chunk requests in flight.
-    pub chunk_window: usize,
-    /// Scheduler period.
-    pub turn_interval_ms: u64,
-    /// Periodic status republish.
-    pub status_interval_ms: u64,
+    /// Slots, chunk window and intervals. `tuning.slots` is the most wasmi runtime
+    /// slots; fewer are used when the modules' RAM reservations (see
+    /// [`Limits::ram_budget`]) do not fit.
+    pub tuning: Tuning,
 }
 
 /// Resource sizes of the device; [`Limits::default`] fits an nRF9160.
@@ -153,6 +147,9 @@ struct Slot {
     loaded_turn: u64,
     /// Scheduler turn in which a call of it last returned: the "use" of LRU.
     returned_turn: u64,
+    /// When it got a slot this boot: a candidate's health window counts its seconds
+    /// from here.
+    since_ms: u64,
 }
 
 /// The device package manager.
@@ -220,8 +217,8 @@ impl<F: NorFlash> Device<F> {
                 .iter()
                 .map(|t| Topic::Deployment(t).render())
                 .collect(),
-            next_turn_ms: now_ms + config.turn_interval_ms,
-            next_status_ms: now_ms + config.status_interval_ms,
+            next_turn_ms: now_ms + config.tuning.turn_interval_ms,
+            next_status_ms: now_ms + config.tuning.status_interval_ms,
             config,
             limits,
             store,
@@ -368,7 +365,7 @@ impl<F: NorFlash> Device<F> {
         let largest = costs.last().copied().unwrap_or(0);
         let mut ram = 0u32;
         (costs.into_iter().chain(core::iter::repeat(largest)))
-            .take(self.config.slots)
+            .take(self.config.tuning.slots)
             .take_while(|cost| {
                 ram = ram.saturating_add(*cost);
                 ram <= self.limits.ram_budget
@@ -426,7 +423,7 @@ impl<F: NorFlash> Device<F> {
         let topic = Topic::Status(&self.config.device_id).render();
         self.publish(topic, status, true);
         self.status_dirty = false;
-        self.next_status_ms = self.now_ms + self.config.status_interval_ms;
+        self.next_status_ms = self.now_ms + self.config.tuning.status_interval_ms;
     }
 
     /// A failure of the device itself (flash), not of a module or a manifest.
@@ -502,7 +499,7 @@ impl<F: NorFlash> Device<F> {
     fn on_timer(&mut self) {
         let now = self.now_ms;
         if self.needs_turns() && now >= self.next_turn_ms {
-            self.next_turn_ms = now + self.config.turn_interval_ms;
+            self.next_turn_ms = now + self.config.tuning.turn_interval_ms;
             self.run_turn();
         }
         if self.link_up && now >= self.next_status_ms {
@@ -577,6 +574,7 @@ impl<F: NorFlash> Device<F> {
                 }
             }
             s.desired = deployment.modules;
+            s.health = deployment.health;
             s.refused.clear();
         });
         if let Err(e) = committed {
@@ -718,7 +716,7 @@ impl<F: NorFlash> Device<F> {
     }
 
     fn fits(&self, module: &ModuleRef) -> bool {
-        self.slots.len() < self.config.slots
+        self.slots.len() < self.config.tuning.slots
             && self.ram_used().saturating_add(slot_cost(module)) <= self.limits.ram_budget
     }
 
@@ -824,14 +822,17 @@ impl<F: NorFlash> Device<F> {
         let (mut slots, mut ram) = (self.slots.len(), self.ram_used());
         let mut victims = Vec::new();
         for i in candidates {
-            if slots < self.config.slots && ram.saturating_add(need) <= self.limits.ram_budget {
+            if slots < self.config.tuning.slots
+                && ram.saturating_add(need) <= self.limits.ram_budget
+            {
                 break;
             }
             slots -= 1;
             ram -= slot_cost(&self.slots[i].module);
             victims.push(i);
         }
-        let room = slots < self.config.slots && ram.saturating_add(need) <= self.limits.ram_budget;
+        let room =
+            slots < self.config.tuning.slots && ram.saturating_add(need) <= self.limits.ram_budget;
         // Highest index first, so removing one leaves the others' indices valid.
         victims.sort_unstable_by(|a, b| b.cmp(a));
         room.then_some(victims)
@@ -965,7 +966,7 @@ impl<F: NorFlash> Device<F> {
     fn occupy(&mut self, m: &ModuleRef, instance: Instance, turns: u32) {
         if self.next_turn_ms < self.now_ms {
             // The turn timer was idle; the first turn is one period from now.
-            self.next_turn_ms = self.now_ms + self.config.turn_interval_ms;
+            self.next_turn_ms = self.now_ms + self.config.tuning.turn_interval_ms;
         }
         self.slots.push(Slot {
             module: m.clone(),
@@ -973,6 +974,7 @@ impl<F: NorFlash> Device<F> {
             turns,
             loaded_turn: self.turn,
             returned_turn: self.turn,
+            since_ms: self.now_ms,
         });
     }
 
@@ -1056,14 +1058,17 @@ impl<F: NorFlash> Device<F> {
                 slot.returned_turn = turn;
             }
             let calls = slot.instance.take_calls();
-            outcomes.push((slot.module.clone(), slot.turns, calls, result));
+            let healthy_for = now.saturating_sub(slot.since_ms);
+            outcomes.push((slot.module.clone(), slot.turns, healthy_for, calls, result));
         }
-        for (module, turns, calls, result) in outcomes {
+        let health = self.store.state().health.unwrap_or(HealthWindow::DEFAULT);
+        for (module, turns, healthy_for, calls, result) in outcomes {
             self.host_calls(&module.name, calls);
             let candidate = (self.store.state().installed.iter())
                 .any(|i| i.module.sha256 == module.sha256 && !i.confirmed);
+            let passed = turns >= health.turns && healthy_for >= u64::from(health.seconds) * 1000;
             match result {
-                Ok(_) if candidate && turns >= HEALTH_TURNS => self.confirm(&module),
+                Ok(_) if candidate && passed => self.confirm(&module),
                 Ok(_) => {}
                 Err(reason) if candidate => self.refuse(&module, format!("health check: {reason}")),
                 Err(reason) => self.module_ended(&module, reason),
@@ -1423,7 +1428,7 @@ impl<F: NorFlash> Device<F> {
         }
         let Some(d) = &mut self.download else { return };
         let digest = d.module.sha256;
-        for index in d.next_requests(self.config.chunk_window, self.now_ms) {
+        for index in d.next_requests(self.config.tuning.chunk_window, self.now_ms) {
             self.subscribe(Topic::Chunk(&digest, index).render());
         }
     }

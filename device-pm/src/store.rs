@@ -188,6 +188,9 @@ pub struct State {
     pub stopped: Vec<String>,
     #[n(10)]
     pub pins: Vec<PinOverride>,
+    /// The accepted deployment's health window (`None`: the default).
+    #[n(11)]
+    pub health: Option<wpm_manifests::HealthWindow>,
 }
 
 impl State {
@@ -204,6 +207,7 @@ impl State {
             command_sequence: 0,
             stopped: Vec::new(),
             pins: Vec::new(),
+            health: None,
         }
     }
 

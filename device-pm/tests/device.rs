@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use wpm_device_pm::runtime::MAX_SLICES_PER_CALL;
-use wpm_device_pm::{Input, Output, HEALTH_TURNS};
+use wpm_device_pm::{Input, Output};
 use wpm_manifests::{golden, EventKind, KeyPair, Presence, Topic};
 
 fn rejected(w: &World) -> Vec<String> {
@@ -115,11 +115,11 @@ fn status_is_republished_periodically_and_not_while_offline() {
             .filter(|o| matches!(o, Output::Publish { topic, retain: true, .. } if *topic == status_topic))
             .count()
     };
-    w.advance(config().status_interval_ms);
+    w.advance(config().tuning.status_interval_ms);
     assert_eq!(statuses(&w), 1);
     w.input(Input::LinkDown);
     w.clear_sent();
-    w.advance(2 * config().status_interval_ms);
+    w.advance(2 * config().tuning.status_interval_ms);
     assert_eq!(statuses(&w), 0);
     assert!(w.sent.iter().all(|o| !matches!(o, Output::Publish { .. })));
     w.input(Input::LinkUp);

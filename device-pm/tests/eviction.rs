@@ -7,10 +7,9 @@ use wpm_device_pm::{Config, Limits};
 use wpm_manifests::{golden, Action, Command, EventKind};
 
 fn one_slot() -> Config {
-    Config {
-        slots: 1,
-        ..config()
-    }
+    let mut c = config();
+    c.tuning.slots = 1;
+    c
 }
 
 fn evictions(w: &World, module: &str, to: &str) -> usize {

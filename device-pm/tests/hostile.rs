@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use wpm_device_pm::runtime::{MAX_RECURSION_DEPTH, MAX_SLICES_PER_CALL};
-use wpm_device_pm::HEALTH_TURNS;
+
 use wpm_manifests::{EventKind, ModuleState};
 
 /// A hostile module: what its `wpm_tick` does once it is past its health check (so it

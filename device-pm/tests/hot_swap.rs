@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use wpm_device_pm::HEALTH_TURNS;
+
 use wpm_manifests::{EventKind, ModuleRef};
 
 /// Exports the counter's global, so a successor can take it over by name.

@@ -14,7 +14,7 @@ mod common;
 use common::*;
 use wpm_device_pm::sim_flash::SimFlash;
 use wpm_device_pm::store::{State, Store};
-use wpm_device_pm::{Input, Limits, HEALTH_TURNS};
+use wpm_device_pm::{Input, Limits};
 use wpm_manifests::Action;
 
 /// The state as a fresh boot reads it from `bytes`, after checking that nothing a

@@ -32,7 +32,7 @@ async fn main() -> anyhow::Result<()> {
     for n in sizes {
         let group = unique("bench");
         let mut config = env.fleet_config(n, &group);
-        config.turn_interval_ms = 1000;
+        config.tuning.turn_interval_ms = 1000;
         let fleet = wpm_sim::Fleet::start(config).await?;
         let devices = fleet.device_ids().to_vec();
         let timeout = Duration::from_secs(120 + n as u64);

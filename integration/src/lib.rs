@@ -376,15 +376,15 @@ pub struct OwnMosquitto {
 }
 
 impl OwnMosquitto {
+    /// With the configuration `wpm broker config --mosquitto` writes, in memory only.
     pub fn start() -> Result<OwnMosquitto> {
         use std::io::Write as _;
         let port = free_port();
+        let mut o = wpm_registry::external_broker::MosquittoOptions::new(port);
+        o.bind = "127.0.0.1".into();
+        o.persistence_dir = None;
         let mut config = tempfile::NamedTempFile::new()?;
-        writeln!(
-            config,
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-             max_packet_size 1048576"
-        )?;
+        config.write_all(wpm_registry::external_broker::mosquitto_conf(&o).as_bytes())?;
         let mut m = OwnMosquitto {
             port,
             config,
@@ -425,7 +425,7 @@ impl OwnMosquitto {
 
 /// Where the registry keeps its data and which broker it uses.
 pub enum Backend {
-    /// The registry's own rumqttd broker and a SQLite file: the single-machine default.
+    /// The registry's own embedded broker and a SQLite file: the single-machine default.
     EmbeddedSqlite,
     /// The machine's Mosquitto and a fresh PostgreSQL database.
     MosquittoPostgres,
@@ -452,6 +452,8 @@ impl Env {
             }
             Backend::MosquittoPostgres => {
                 config.broker = Some(mosquitto()?);
+                // The machine's Mosquitto outlives the test: its ingest session should not.
+                config.ingest_session_expiry = Duration::from_secs(60);
                 config.database = Some(postgres_database().await?);
             }
             Backend::BrokerSqlite(url) => config.broker = Some(url),
@@ -474,7 +476,7 @@ impl Env {
         config.devices = n;
         config.groups = vec![group.to_string()];
         config.id_prefix = unique("dev");
-        config.turn_interval_ms = 200;
+        config.tuning.turn_interval_ms = 200;
         config
     }
 }
@@ -484,6 +486,9 @@ impl Env {
 pub struct Mqtt {
     client: rumqttc::AsyncClient,
     messages: tokio::sync::mpsc::Receiver<rumqttc::Publish>,
+    /// PUBACKs received so far: a publish returns once the broker took it.
+    acks: tokio::sync::watch::Receiver<u64>,
+    published: u64,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -494,6 +499,7 @@ impl Mqtt {
         opts.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut events) = AsyncClient::new(opts, 64);
         let (tx, messages) = tokio::sync::mpsc::channel(4096);
+        let (acks_tx, acks) = tokio::sync::watch::channel(0u64);
         let task = tokio::spawn(async move {
             loop {
                 match events.poll().await {
@@ -501,6 +507,9 @@ impl Mqtt {
                         if tx.send(p).await.is_err() {
                             return;
                         }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        acks_tx.send_modify(|n| *n += 1);
                     }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -510,6 +519,8 @@ impl Mqtt {
         Ok(Mqtt {
             client,
             messages,
+            acks,
+            published: 0,
             task,
         })
     }
@@ -521,11 +532,19 @@ impl Mqtt {
             .await?)
     }
 
-    pub async fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) -> Result<()> {
-        Ok(self
-            .client
+    /// Publishes at QoS 1 and returns once the broker acknowledged it: whoever acts
+    /// next (a device connecting, say) finds it there.
+    pub async fn publish(&mut self, topic: &str, payload: Vec<u8>, retain: bool) -> Result<()> {
+        self.client
             .publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
-            .await?)
+            .await?;
+        self.published += 1;
+        let want = self.published;
+        tokio::time::timeout(Duration::from_secs(10), self.acks.wait_for(|n| *n >= want))
+            .await
+            .with_context(|| format!("the broker did not acknowledge a publish on {topic}"))?
+            .context("MQTT client ended")?;
+        Ok(())
     }
 
     /// The next message on any subscribed topic.

@@ -53,6 +53,7 @@ async fn device_refuses_bad_manifests_and_chunks() -> anyhow::Result<()> {
         issued_at: now_s(),
         expires_at: now_s() + 3600,
         modules: vec![],
+        health: None,
     };
     let attacker = KeyPair::from_seed(&[0x66; 32]);
     let device_topic = Topic::Deployment(&Target::Device(device.clone())).render();

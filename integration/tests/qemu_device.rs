@@ -3,20 +3,19 @@
 //! emulated LAN9118 Ethernet) joins three simulated devices in one group, and all four
 //! install hello 1.0.0 and then upgrade to 2.0.0 from the registry.
 //!
-//! The broker is a Mosquitto of the test's own: the firmware speaks MQTT 5 only
-//! (rust-mqtt 0.6), and the registry's embedded rumqttd listens for MQTT 3.1.1 only (its
-//! config has a `v4` server and no `v5`), which closes the device's MQTT 5 CONNECT.
+//! The broker is the registry's embedded one, the single-machine default: the firmware
+//! speaks MQTT 5 (rust-mqtt 0.6), the simulated devices too, with the same tunables.
 //!
 //! Needs `qemu-system-arm` (installed by `bash firmware/run-qemu-tests`, which CI runs
-//! before `cargo test`), `mosquitto` and the firmware toolchain target; the test builds
-//! the firmware itself (cargo does nothing when it is up to date).
+//! before `cargo test`) and the firmware toolchain target; the test builds the firmware
+//! itself (cargo does nothing when it is up to date).
 
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use wpm_integration::{unique, Backend, Env, OwnMosquitto};
+use wpm_integration::{unique, Backend, Env};
 
 /// wasmi under TCG emulation is slower than the simulator, and QEMU's device turns once
 /// a second (3 turns of health check per upgrade): generous.
@@ -146,9 +145,8 @@ async fn qemu_device_installs_and_upgrades_with_the_fleet() -> Result<()> {
     firmware_cargo(&["build", "--release", "--locked", "-p", "wpm-qemu-an505"])?;
     let elf = firmware_dir().join("target/thumbv8m.main-none-eabihf/release/netdevice");
 
-    let broker = OwnMosquitto::start()?;
-    let env = Env::start(Backend::BrokerSqlite(broker.url())).await?;
-    let port = broker.port;
+    let env = Env::start(Backend::EmbeddedSqlite).await?;
+    let port = wpm_registry::config::parse_broker_url(&env.mqtt_url)?.1;
     let group = unique("qemu");
     let dir = tempfile::tempdir()?;
     let prov = dir.path().join("prov.bin");

@@ -1,6 +1,8 @@
 //! Two registry replicas (child processes) on one PostgreSQL and one Mosquitto: status
 //! ingest split through a shared subscription with nothing written twice, identical
-//! retained publishes, and a rollout that survives the replica driving it being killed.
+//! retained publishes, and a rollout that survives the replica driving it being killed
+//! (and restarted by its supervisor under the same name, draining what the broker queued
+//! for it).
 
 use std::time::Duration;
 use wpm_integration::{
@@ -21,6 +23,7 @@ fn start_replica(
     db: &str,
     share: &str,
     token: &str,
+    name: &str,
 ) -> anyhow::Result<Replica> {
     let http = format!("127.0.0.1:{}", free_port());
     let child = std::process::Command::new(bin)
@@ -28,6 +31,7 @@ fn start_replica(
         .arg(data)
         .args(["--http", &http, "--broker", &mosquitto()?, "--database", db])
         .args(["--ingest-share-group", share, "--token", token])
+        .args(["--replica", name, "--ingest-session-hours", "1"])
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .spawn()?;
@@ -56,8 +60,22 @@ async fn two_replicas_share_ingest_and_survive_a_kill() -> anyhow::Result<()> {
     let token = unique("token");
     let share = unique("wpm-registry");
     let mut replicas = vec![
-        start_replica(&bin, data.path(), &db, &share, &token)?,
-        start_replica(&bin, data.path(), &db, &share, &token)?,
+        start_replica(
+            &bin,
+            data.path(),
+            &db,
+            &share,
+            &token,
+            &format!("{share}-a"),
+        )?,
+        start_replica(
+            &bin,
+            data.path(),
+            &db,
+            &share,
+            &token,
+            &format!("{share}-b"),
+        )?,
     ];
     for r in &replicas {
         wait_up(&r.api).await?;
@@ -74,7 +92,7 @@ async fn two_replicas_share_ingest_and_survive_a_kill() -> anyhow::Result<()> {
     config.devices = 6;
     config.groups = vec![group.clone()];
     config.id_prefix = unique("dev");
-    config.turn_interval_ms = 200;
+    config.tuning.turn_interval_ms = 200;
     let fleet = wpm_sim::Fleet::start(config).await?;
     let devices = fleet.device_ids().to_vec();
 
@@ -137,6 +155,13 @@ async fn two_replicas_share_ingest_and_survive_a_kill() -> anyhow::Result<()> {
         .unwrap_or_else(|| panic!("lease holder {holder} is neither replica"));
     replicas[victim].process.kill();
     let survivor = replicas.remove(1 - victim);
+    // Its supervisor starts it again under its name. Meanwhile the survivor takes the
+    // lease; the reports the broker queued for the killed replica's session reach the
+    // database when it is back, so none is lost.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let names = [format!("{share}-a"), format!("{share}-b")];
+    let restarted = start_replica(&bin, data.path(), &db, &share, &token, &names[victim])?;
+    wait_up(&restarted.api).await?;
 
     let done = survivor.api.wait_rollout(id, "completed", CONVERGE).await?;
     assert_eq!(done["counts"]["succeeded"], 6, "{done}");

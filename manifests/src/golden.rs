@@ -35,6 +35,7 @@ pub fn deployment() -> Deployment {
         issued_at: 1_790_000_000,
         expires_at: 1_790_604_800,
         modules: vec![module_ref()],
+        health: None,
     }
 }
 

@@ -96,6 +96,30 @@ pub struct Deployment {
     /// The complete desired set: modules not listed here are to be stopped and removed.
     #[n(4)]
     pub modules: Vec<ModuleRef>,
+    /// What a new version must do before the device confirms it and frees the old one;
+    /// `None`: [`HealthWindow::DEFAULT`].
+    #[n(5)]
+    pub health: Option<HealthWindow>,
+}
+
+/// The health check a new version passes before it is confirmed: it instantiates, its
+/// `wpm_init` returns 0, then it runs `turns` scheduler turns without trapping and stays
+/// up for `seconds`. Until then the old version stays in flash, ready to return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, CborLen)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct HealthWindow {
+    #[n(0)]
+    pub turns: u32,
+    #[n(1)]
+    pub seconds: u32,
+}
+
+impl HealthWindow {
+    /// Three turns, no wait: what a deployment that names no window gets.
+    pub const DEFAULT: HealthWindow = HealthWindow {
+        turns: 3,
+        seconds: 0,
+    };
 }
 
 /// The signed chunk index of one module, retained on the module's manifest topic.

@@ -63,14 +63,16 @@ fn deployment() -> impl Strategy<Value = Deployment> {
         any::<u64>(),
         any::<u64>(),
         prop::collection::vec(module_ref(), 0..4),
+        prop::option::of((any::<u32>(), any::<u32>())),
     )
         .prop_map(
-            |(target, sequence, issued_at, expires_at, modules)| Deployment {
+            |(target, sequence, issued_at, expires_at, modules, health)| Deployment {
                 target,
                 sequence,
                 issued_at,
                 expires_at,
                 modules,
+                health: health.map(|(turns, seconds)| HealthWindow { turns, seconds }),
             },
         )
 }

@@ -1,19 +1,67 @@
-//! The embedded MQTT broker (rumqttd).
+//! The embedded MQTT broker: rmqtt (`wpm-broker`), or, for the side-by-side measurement
+//! in `docs/broker.md`, rumqttd.
 //!
 //! rumqttd runs its router and listeners on threads of its own and offers no way to stop
-//! them: once started, the embedded broker lives until the process exits.
-//! rumqttd keeps retained messages in memory only; the registry republishes everything
-//! deployed on every start (see [`crate::publish::republish_all`]).
+//! them: once started, it lives until the process exits. Both keep retained messages in
+//! memory only; the registry republishes everything deployed on every start (see
+//! [`crate::publish::republish_all`]).
 
 use anyhow::Context as _;
 use std::collections::HashMap;
-use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+/// Which embedded broker to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    Rmqtt,
+    Rumqttd,
+}
+
 /// A running embedded broker.
-pub struct EmbeddedBroker {
-    pub addr: SocketAddr,
+pub enum EmbeddedBroker {
+    Rmqtt(wpm_broker::Broker),
+    Rumqttd(SocketAddr),
+}
+
+impl EmbeddedBroker {
+    pub fn start(kind: Kind, listen: SocketAddr, max_payload: usize) -> anyhow::Result<Self> {
+        Ok(match kind {
+            Kind::Rmqtt => EmbeddedBroker::Rmqtt(wpm_broker::Broker::start(
+                wpm_broker::BrokerConfig::new(listen, max_payload as u32),
+            )?),
+            Kind::Rumqttd => EmbeddedBroker::Rumqttd(start(listen, max_payload)?),
+        })
+    }
+
+    /// Where devices connect.
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            EmbeddedBroker::Rmqtt(b) => b.addr(),
+            EmbeddedBroker::Rumqttd(a) => *a,
+        }
+    }
+
+    /// Where the registry's own clients connect.
+    pub fn registry_addr(&self) -> SocketAddr {
+        match self {
+            EmbeddedBroker::Rmqtt(b) => b.registry_addr(),
+            EmbeddedBroker::Rumqttd(a) => *a,
+        }
+    }
+
+    pub fn stats(&self) -> Option<std::sync::Arc<wpm_broker::BrokerStats>> {
+        match self {
+            EmbeddedBroker::Rmqtt(b) => Some(b.stats()),
+            EmbeddedBroker::Rumqttd(_) => None,
+        }
+    }
+
+    pub fn stop(self) {
+        if let EmbeddedBroker::Rmqtt(b) = self {
+            b.stop();
+        }
+    }
 }
 
 /// rumqttd's configuration, built in code so nothing depends on a config file.
@@ -29,7 +77,7 @@ fn broker_config(listen: SocketAddr, max_payload: usize) -> rumqttd::Config {
         dynamic_filters: true,
     };
     let server = rumqttd::ServerSettings {
-        name: "wpm-v4".to_string(),
+        name: "wpm-v5".to_string(),
         listen,
         tls: None,
         next_connection_delay_ms: 1,
@@ -47,19 +95,20 @@ fn broker_config(listen: SocketAddr, max_payload: usize) -> rumqttd::Config {
         initialized_filters: None,
         shared_subscriptions_strategy: Default::default(),
     };
-    let mut v4 = HashMap::new();
-    v4.insert("1".to_string(), server);
+    // The registry and the devices speak MQTT 5.
+    let mut v5 = HashMap::new();
+    v5.insert("1".to_string(), server);
     rumqttd::Config {
         id: 0,
         router,
-        v4: Some(v4),
+        v5: Some(v5),
         ..Default::default()
     }
 }
 
 /// Starts rumqttd on `listen` (port 0: a free port is picked) and returns once it accepts
 /// TCP connections.
-pub fn start(listen: SocketAddr, max_payload: usize) -> anyhow::Result<EmbeddedBroker> {
+fn start(listen: SocketAddr, max_payload: usize) -> anyhow::Result<SocketAddr> {
     // rumqttd only logs a failed bind from its listener thread; bind here first so a port
     // in use (say, by a system Mosquitto) is a clear startup error and not a registry
     // silently talking to some other broker. Port 0 is resolved the same way.
@@ -86,7 +135,7 @@ pub fn start(listen: SocketAddr, max_payload: usize) -> anyhow::Result<EmbeddedB
         addr
     };
     loop {
-        if mqtt_handshake(connect_to).is_ok() {
+        if TcpStream::connect_timeout(&connect_to, Duration::from_millis(200)).is_ok() {
             break;
         }
         if thread.is_finished() {
@@ -98,26 +147,5 @@ pub fn start(listen: SocketAddr, max_payload: usize) -> anyhow::Result<EmbeddedB
         std::thread::sleep(Duration::from_millis(20));
     }
     tracing::info!(%addr, "embedded MQTT broker listening");
-    Ok(EmbeddedBroker { addr: connect_to })
-}
-
-/// One MQTT 3.1.1 CONNECT / CONNACK exchange: proves the broker serves MQTT
-/// (a bare TCP connect would too, but rumqttd logs an error for every connection that
-/// never sends CONNECT).
-fn mqtt_handshake(addr: SocketAddr) -> std::io::Result<()> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let id = b"wpm-registry-probe";
-    let mut packet = vec![0x10, (10 + 2 + id.len()) as u8];
-    // Protocol name "MQTT", level 4, clean session, keep-alive 10 s.
-    packet.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10]);
-    packet.extend_from_slice(&[0, id.len() as u8]);
-    packet.extend_from_slice(id);
-    s.write_all(&packet)?;
-    let mut connack = [0u8; 4];
-    s.read_exact(&mut connack)?;
-    if connack[0] != 0x20 || connack[3] != 0 {
-        return Err(std::io::Error::other("broker refused the probe connection"));
-    }
-    Ok(())
+    Ok(connect_to)
 }

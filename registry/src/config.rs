@@ -43,6 +43,18 @@ pub struct ServeArgs {
     /// subscription ($share/NAME/...): give every replica on one database the same name.
     #[arg(long, value_name = "NAME")]
     pub ingest_share_group: Option<String>,
+    /// This replica's name, stable across its restarts: the broker keeps its ingest
+    /// session (and what it queued) under it. Give every replica its own; default: a
+    /// name made on first start into DATA_DIR/mqtt-client-id.
+    #[arg(long, env = "WPM_REPLICA", value_name = "NAME")]
+    pub replica: Option<String>,
+    /// How long the broker keeps the registry's ingest session, and queues device reports
+    /// for it, while the registry is down.
+    #[arg(long, default_value_t = 24, value_name = "HOURS")]
+    pub ingest_session_hours: u64,
+    /// Which embedded broker to run (rumqttd only for the measurement in docs/broker.md).
+    #[arg(long, value_enum, default_value = "rmqtt", hide = true)]
+    pub embedded_broker: crate::broker::Kind,
 }
 
 /// Everything [`crate::Registry::start`] needs.
@@ -63,6 +75,11 @@ pub struct Config {
     pub max_module_size: usize,
     /// Shared-subscription group of the ingest; `None`: this registry ingests everything.
     pub ingest_share_group: Option<String>,
+    /// How long the broker keeps the ingest session while the registry is away.
+    pub ingest_session_expiry: Duration,
+    /// Replica name; `None` loads or makes one in the data dir.
+    pub replica: Option<String>,
+    pub embedded_broker: crate::broker::Kind,
 }
 
 impl Config {
@@ -79,6 +96,9 @@ impl Config {
             manifest_ttl: Duration::from_secs(168 * 3600),
             max_module_size: DEFAULT_MAX_MODULE_SIZE,
             ingest_share_group: None,
+            ingest_session_expiry: Duration::from_secs(24 * 3600),
+            replica: None,
+            embedded_broker: crate::broker::Kind::Rmqtt,
         }
     }
 
@@ -116,6 +136,9 @@ impl From<ServeArgs> for Config {
             manifest_ttl: Duration::from_secs(a.manifest_ttl_hours.saturating_mul(3600)),
             max_module_size: DEFAULT_MAX_MODULE_SIZE,
             ingest_share_group: a.ingest_share_group,
+            ingest_session_expiry: Duration::from_secs(a.ingest_session_hours.saturating_mul(3600)),
+            replica: a.replica,
+            embedded_broker: a.embedded_broker,
         }
     }
 }

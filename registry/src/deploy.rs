@@ -6,10 +6,11 @@
 use crate::db::{Db, DeploymentRow, DesiredChange, ModuleRow};
 use crate::keys;
 use crate::publish::Publisher;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Mutex};
-use wpm_manifests::{Deployment, KeyPair, Target};
+use wpm_manifests::{Deployment, HealthWindow, KeyPair, Target};
 
 /// What deploying needs.
 pub struct Deployer {
@@ -31,25 +32,27 @@ fn unix_secs() -> u64 {
 
 impl Deployer {
     /// Issues a new deployment for `target` with its desired set changed as `change`
-    /// says. Publishes the modules' chunks and manifests, then the sealed deployment.
+    /// says, asking `health` of new versions. Publishes the modules' chunks and
+    /// manifests, then the sealed deployment.
     pub async fn deploy(
         &self,
         target: &Target,
         change: &DesiredChange,
+        health: Option<HealthWindow>,
     ) -> anyhow::Result<(Deployment, DeploymentRow)> {
         let _guard = self.lock.lock().await;
-        let now = unix_secs();
-        let expires_at = now + self.manifest_ttl.as_secs().max(1);
+        let (issued_at, expires_at) = self.validity();
         let mut built = None;
         let (row, desired) = self
             .db
-            .create_deployment(target, change, |sequence, desired| {
+            .create_deployment(target, change, health, |sequence, desired| {
                 let d = Deployment {
                     target: target.clone(),
                     sequence,
-                    issued_at: now,
+                    issued_at,
                     expires_at,
                     modules: desired.iter().map(ModuleRow::module_ref).collect(),
+                    health,
                 };
                 let sealed = keys::seal_deployment(&self.key, &d);
                 built = Some(d);
@@ -57,21 +60,67 @@ impl Deployer {
             })
             .await?;
         let deployment = built.expect("create_deployment calls seal");
-
-        // Module bytes before the manifest that names them.
-        for m in &desired {
-            if self.publisher.has_published(&m.sha256).await {
-                continue;
-            }
-            let wasm = self.db.module_wasm(&m.name, &m.version).await?;
-            self.publisher.publish_module(m, &wasm).await?;
-        }
+        self.publish_modules(&desired).await?;
         // Another replica may have deployed to this target meanwhile; never let an older
         // manifest overwrite a newer retained one.
         if self.db.latest_sequence(target).await? == Some(row.sequence) {
             self.publisher.publish_deployment(&row).await?;
         }
         Ok((deployment, row))
+    }
+
+    /// Gives each of `devices` its own deployment of exactly `set` (a rollout stage, a
+    /// rollback): recorded set-based in one transaction, then published.
+    pub async fn deploy_devices(
+        &self,
+        devices: &[String],
+        set: &[ModuleRow],
+        health: Option<HealthWindow>,
+    ) -> anyhow::Result<Vec<DeploymentRow>> {
+        let _guard = self.lock.lock().await;
+        let (issued_at, expires_at) = self.validity();
+        let modules: Vec<_> = set.iter().map(ModuleRow::module_ref).collect();
+        let rows = self
+            .db
+            .create_device_deployments(devices, set, health, |device, sequence| {
+                let d = Deployment {
+                    target: Target::Device(device.to_string()),
+                    sequence,
+                    issued_at,
+                    expires_at,
+                    modules: modules.clone(),
+                    health,
+                };
+                (
+                    keys::seal_deployment(&self.key, &d),
+                    (expires_at as i64).saturating_mul(1000),
+                )
+            })
+            .await?;
+        self.publish_modules(set).await?;
+        for row in &rows {
+            self.publisher.publish_deployment(row).await?;
+        }
+        Ok(rows)
+    }
+
+    /// (issued_at, expires_at) of a deployment signed now, unix seconds.
+    fn validity(&self) -> (u64, u64) {
+        let now = unix_secs();
+        (now, now + self.manifest_ttl.as_secs().max(1))
+    }
+
+    /// Module bytes go out before the manifest that names them.
+    async fn publish_modules(&self, modules: &[ModuleRow]) -> anyhow::Result<()> {
+        let mut done = HashSet::new();
+        for m in modules {
+            if !done.insert(m.sha256) || self.publisher.has_published(&m.sha256).await {
+                continue;
+            }
+            let wasm = self.db.module_wasm(&m.name, &m.version).await?;
+            self.publisher.publish_module(m, &wasm).await?;
+        }
+        Ok(())
     }
 
     /// Publishes every module and newest deployment again, after the broker lost its
@@ -90,7 +139,9 @@ impl Deployer {
         let mut renewed = 0;
         for d in self.db.latest_deployments().await? {
             if d.expires_at - now_ms < half {
-                let (new, _) = self.deploy(&d.target, &DesiredChange::Keep).await?;
+                let (new, _) = self
+                    .deploy(&d.target, &DesiredChange::Keep, d.health)
+                    .await?;
                 tracing::info!(
                     target = ?d.target, old = d.sequence, new = new.sequence,
                     "renewed an expiring deployment"

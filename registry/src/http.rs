@@ -17,7 +17,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use wpm_manifests::{sha256, valid_name, Action, Command, Deployment, KeyPair, Sealed, Target};
+use wpm_manifests::{
+    sha256, valid_name, Action, Command, Deployment, HealthWindow, KeyPair, Sealed, Target,
+};
 
 /// Everything the handlers share.
 pub struct AppState {
@@ -26,6 +28,10 @@ pub struct AppState {
     pub token: String,
     pub deployer: Arc<Deployer>,
     pub stats: Arc<IngestStats>,
+    /// Wakes the rollout controller (a rollout was created or changed).
+    pub wake_controller: Arc<tokio::sync::Notify>,
+    /// Counters of the embedded broker, when the registry runs one.
+    pub broker_stats: Option<Arc<wpm_broker::BrokerStats>>,
     pub chunk_size: u32,
     pub max_module_size: usize,
 }
@@ -96,14 +102,37 @@ async fn auth(State(state): State<Shared>, req: Request, next: Next) -> Response
 
 async fn health(State(state): State<Shared>) -> Json<Value> {
     let s = &state.stats;
+    let broker = state.broker_stats.as_ref().map(|b| {
+        let (received, received_bytes) = b.received();
+        let (delivered, delivered_bytes) = b.delivered();
+        let dropped: serde_json::Map<String, Value> = b
+            .dropped()
+            .into_iter()
+            .map(|(r, n)| (r.as_str().to_string(), json!(n)))
+            .collect();
+        json!({
+            "received": received,
+            "received_bytes": received_bytes,
+            "delivered": delivered,
+            "delivered_bytes": delivered_bytes,
+            "dropped": dropped,
+        })
+    });
+    let refused: serde_json::Map<String, Value> = s
+        .refused()
+        .into_iter()
+        .map(|(r, n)| (r.as_str().to_string(), json!(n)))
+        .collect();
     Json(json!({
         "ok": true,
         "ingest": {
             "received": s.received.load(Ordering::Relaxed),
-            "malformed": s.malformed.load(Ordering::Relaxed),
             "written": s.written.load(Ordering::Relaxed),
-            "write_errors": s.write_errors.load(Ordering::Relaxed),
-        }
+            "refused": refused,
+            "pending": s.pending(),
+            "write_retries": s.write_retries.load(Ordering::Relaxed),
+        },
+        "broker": broker,
     }))
 }
 
@@ -295,6 +324,27 @@ struct DeployRequest {
     version: String,
     group: Option<String>,
     device: Option<String>,
+    /// Health window asked of the new version (turns, seconds); default 3 turns.
+    health_turns: Option<u32>,
+    health_seconds: Option<u32>,
+}
+
+/// The health window of a request: `None` when it names neither part.
+fn health_window(turns: Option<u32>, seconds: Option<u32>) -> ApiResult<Option<HealthWindow>> {
+    if turns.is_none() && seconds.is_none() {
+        return Ok(None);
+    }
+    let w = HealthWindow {
+        turns: turns.unwrap_or(HealthWindow::DEFAULT.turns),
+        seconds: seconds.unwrap_or(HealthWindow::DEFAULT.seconds),
+    };
+    if w.turns == 0 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "health_turns must be at least 1: a new version must run before it is confirmed",
+        ));
+    }
+    Ok(Some(w))
 }
 
 fn target_json(t: &Target) -> Value {
@@ -316,6 +366,7 @@ fn deployment_json(d: &Deployment, created_at_ms: Option<i64>) -> Value {
         })).collect::<Vec<_>>(),
         "issued_at": d.issued_at,
         "expires_at": d.expires_at,
+        "health": d.health.unwrap_or(HealthWindow::DEFAULT),
     });
     if let Some(c) = created_at_ms {
         v["created_at_ms"] = json!(c);
@@ -361,9 +412,10 @@ async fn deploy(
             )
         })?;
 
+    let health = health_window(req.health_turns, req.health_seconds)?;
     let (deployment, row) = state
         .deployer
-        .deploy(&target, &DesiredChange::Set(module.clone()))
+        .deploy(&target, &DesiredChange::Set(module.clone()), health)
         .await?;
     tracing::info!(sequence = row.sequence, target = ?target, module = %module.name, version = %module.version, "deployed");
     Ok((
@@ -410,12 +462,6 @@ struct FleetFilter {
     summary_only: bool,
 }
 
-/// A device is failing when a module of it failed (refused, trapped, health check) or
-/// the device itself reports an error.
-fn failing(d: &db::DeviceView) -> bool {
-    d.last_error.is_some() || d.modules.iter().any(|m| m.state == "failed")
-}
-
 async fn fleet_status(
     State(state): State<Shared>,
     filter: Result<Query<FleetFilter>, axum::extract::rejection::QueryRejection>,
@@ -429,46 +475,36 @@ async fn fleet_status(
             ));
         }
     }
-    let mut devices = state.db.fleet().await?;
-    devices.retain(|d| {
-        f.group.as_ref().is_none_or(|g| d.groups.contains(g))
-            && f.module
-                .as_ref()
-                .is_none_or(|m| d.modules.iter().any(|x| &x.name == m))
-            && match f.state.as_deref() {
-                Some("online") => d.online,
-                Some("offline") => !d.online,
-                Some("failing") => failing(d),
-                _ => true,
-            }
-    });
-    // Devices per module version, and how many of them run it.
-    let mut versions = std::collections::BTreeMap::<String, (u64, u64)>::new();
-    for d in &devices {
-        for m in &d.modules {
-            let v = versions
-                .entry(format!("{}@{}", m.name, m.version))
-                .or_default();
-            v.0 += 1;
-            v.1 += u64::from(m.state == "running");
-        }
-    }
-    let versions: serde_json::Map<String, Value> = versions
-        .into_iter()
-        .map(|(k, (devices, running))| (k, json!({ "devices": devices, "running": running })))
+    let filter = db::FleetFilter {
+        group: f.group,
+        module: f.module,
+        state: f.state,
+    };
+    let s = state.db.fleet_summary(&filter).await?;
+    let versions: serde_json::Map<String, Value> = s
+        .versions
+        .iter()
+        .map(|v| {
+            (
+                format!("{}@{}", v.name, v.version),
+                json!({ "devices": v.devices, "running": v.running }),
+            )
+        })
         .collect();
-    let online = devices.iter().filter(|d| d.online).count();
     let summary = json!({
-        "devices": devices.len(),
-        "online": online,
-        "offline": devices.len() - online,
-        "failing": devices.iter().filter(|d| failing(d)).count(),
+        "devices": s.devices,
+        "online": s.online,
+        "offline": s.devices - s.online,
+        "failing": s.failing,
         "versions": versions,
     });
     if f.summary_only {
         return Ok(Json(json!({ "summary": summary })));
     }
-    let devices: Vec<Value> = devices
+    let devices: Vec<Value> = state
+        .db
+        .fleet(&filter)
+        .await?
         .iter()
         .map(|d| {
             json!({
@@ -573,6 +609,8 @@ struct RolloutRequest {
     stages: Option<Vec<u8>>,
     max_failure_pct: Option<u8>,
     stage_timeout_s: Option<u64>,
+    health_turns: Option<u32>,
+    health_seconds: Option<u32>,
 }
 
 /// Default stages: a canary, a tenth, everyone.
@@ -581,11 +619,10 @@ pub const DEFAULT_MAX_FAILURE_PCT: u8 = 10;
 pub const DEFAULT_STAGE_TIMEOUT_S: u64 = 600;
 
 async fn rollout_json(db: &Db, r: &rollout::Rollout, with_devices: bool) -> ApiResult<Value> {
-    let devices = db.rollout_devices(r.id).await?;
     let mut v = serde_json::to_value(r).map_err(anyhow::Error::from)?;
-    v["counts"] = json!(rollout::Counts::of(&devices));
+    v["counts"] = json!(db.rollout_counts(r.id).await?);
     if with_devices {
-        v["devices"] = json!(devices);
+        v["devices"] = json!(db.rollout_devices(r.id).await?);
     }
     Ok(v)
 }
@@ -636,11 +673,13 @@ async fn create_rollout(
             ),
         ));
     }
+    let health = health_window(req.health_turns, req.health_seconds)?;
     let new = NewRollout {
         module,
         group: req.group,
         stages,
         max_failure_pct,
+        health: health.unwrap_or(HealthWindow::DEFAULT),
         stage_timeout: std::time::Duration::from_secs(
             req.stage_timeout_s
                 .unwrap_or(DEFAULT_STAGE_TIMEOUT_S)
@@ -653,6 +692,7 @@ async fn create_rollout(
         .await?
         .map_err(|e| ApiError::new(StatusCode::CONFLICT, e))?;
     tracing::info!(rollout = r.id, module = %r.module, version = %r.version, group = %r.group, "rollout created");
+    state.wake_controller.notify_one();
     Ok((
         StatusCode::CREATED,
         Json(rollout_json(&state.db, &r, false).await?),
@@ -706,6 +746,7 @@ async fn rollout_action(
             format!("rollout {id} is {}: cannot {action} it", r.state.as_str()),
         ));
     }
+    state.wake_controller.notify_one();
     let r = find_rollout(&state.db, id).await?;
     Ok(Json(rollout_json(&state.db, &r, false).await?))
 }

@@ -9,6 +9,7 @@ use wpm_manifests::{Deployment, KeyPair, ModuleManifest};
 pub const SIGNING_KEY_FILE: &str = "signing.key";
 pub const PUBLIC_KEY_FILE: &str = "registry.pub";
 pub const TOKEN_FILE: &str = "api-token";
+pub const CLIENT_ID_FILE: &str = "mqtt-client-id";
 
 /// 32 bytes from the operating system's CSPRNG.
 pub fn random_bytes() -> anyhow::Result<[u8; 32]> {
@@ -88,6 +89,28 @@ pub fn load_or_create_token(data_dir: &Path, given: Option<&str>) -> anyhow::Res
     write_secret(&path, &format!("{token}\n"))?;
     tracing::info!(path = %path.display(), "generated a new API token");
     Ok(token)
+}
+
+/// This registry's MQTT client id stem, made on first start into `DATA_DIR/mqtt-client-id`
+/// and kept: the broker finds the registry's persistent ingest session (and the reports
+/// it queued while the registry was away) by it.
+pub fn load_or_create_client_id(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join(CLIENT_ID_FILE);
+    if path.exists() {
+        let id = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let id = id.trim();
+        anyhow::ensure!(
+            wpm_manifests::valid_name(id),
+            "{} does not hold a valid client id",
+            path.display()
+        );
+        return Ok(id.to_string());
+    }
+    let id = format!("wpm-registry-{}", hex::encode(&random_bytes()?[..6]));
+    std::fs::write(&path, format!("{id}\n"))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
 }
 
 /// The one function that signs deployments. Everything the registry publishes on a

@@ -11,6 +11,7 @@ pub mod broker;
 pub mod config;
 pub mod db;
 pub mod deploy;
+pub mod external_broker;
 pub mod http;
 pub mod ingest;
 pub mod keys;
@@ -18,6 +19,11 @@ pub mod publish;
 pub mod rollout;
 
 pub use config::{Config, ServeArgs};
+
+/// The registry's log filter unless RUST_LOG says otherwise: the embedded broker logs
+/// every device connection and disconnection at info, which would drown the registry's
+/// own lines with a fleet attached.
+pub const DEFAULT_LOG_FILTER: &str = "info,rmqtt=warn,rmqtt_net=warn,rumqttd=warn";
 pub use keys::{seal_deployment, seal_module_manifest};
 
 use anyhow::Context as _;
@@ -38,6 +44,7 @@ pub struct Registry {
     publisher: Arc<publish::Publisher>,
     ingest: ingest::Ingest,
     db: db::Db,
+    broker: Option<broker::EmbeddedBroker>,
 }
 
 impl Registry {
@@ -61,17 +68,25 @@ impl Registry {
         let db = db::Db::connect(&config.database_url()).await?;
 
         let max_packet = config.max_packet_size();
+        let mut embedded = None;
         let (host, port, mqtt_url) = match &config.broker {
             Some(url) => {
                 let (host, port) = config::parse_broker_url(url)?;
                 (host.clone(), port, format!("mqtt://{host}:{port}"))
             }
             None => {
-                let b = broker::start(config.mqtt_listen, max_packet)?;
-                let host = b.addr.ip().to_string();
-                (host.clone(), b.addr.port(), format!("mqtt://{}", b.addr))
+                let b = broker::EmbeddedBroker::start(
+                    config.embedded_broker,
+                    config.mqtt_listen,
+                    max_packet,
+                )?;
+                let own = b.registry_addr();
+                let url = format!("mqtt://{}", b.addr());
+                embedded = Some(b);
+                (own.ip().to_string(), own.port(), url)
             }
         };
+        let broker_stats = embedded.as_ref().and_then(|b| b.stats());
         let settings = publish::MqttSettings {
             host,
             port,
@@ -91,11 +106,24 @@ impl Registry {
                 "invalid ingest share group {g:?}"
             );
         }
+        let replica = match &config.replica {
+            Some(r) => {
+                anyhow::ensure!(wpm_manifests::valid_name(r), "invalid replica name {r:?}");
+                format!("wpm-registry-{r}")
+            }
+            None => keys::load_or_create_client_id(&config.data_dir)?,
+        };
+        let wake_controller = Arc::new(tokio::sync::Notify::new());
         let ingest = ingest::Ingest::start(
             &settings,
+            ingest::IngestConfig {
+                client_id: format!("{replica}-ingest"),
+                session_expiry: config.ingest_session_expiry,
+                share_group: config.ingest_share_group.clone(),
+            },
             db.clone(),
             stats.clone(),
-            config.ingest_share_group.as_deref(),
+            wake_controller.clone(),
             stop_rx.clone(),
         )
         .await
@@ -113,11 +141,8 @@ impl Registry {
         let controller = Arc::new(rollout::Controller {
             deployer: deployer.clone(),
             // The pid lets an operator (and the replicas test) tell which process holds the lease.
-            holder: format!(
-                "{}-pid{}",
-                publish::client_id("replica"),
-                std::process::id()
-            ),
+            holder: format!("{replica}-pid{}", std::process::id()),
+            wake: wake_controller.clone(),
         });
         let background = vec![
             tokio::spawn(deploy::republish_on_reconnect(
@@ -132,6 +157,8 @@ impl Registry {
             token: token.clone(),
             deployer,
             stats,
+            wake_controller,
+            broker_stats,
             chunk_size: config.chunk_size,
             max_module_size: config.max_module_size,
         });
@@ -160,6 +187,7 @@ impl Registry {
             publisher,
             ingest,
             db,
+            broker: embedded,
         })
     }
 
@@ -187,12 +215,8 @@ impl Registry {
         self.public_key
     }
 
-    /// Stops the HTTP API, the MQTT clients (flushing the ingest) and closes the
-    /// database.
-    ///
-    /// The embedded broker (rumqttd) cannot be stopped: its threads and its listening
-    /// port stay until the process exits. A registry started again in the same process
-    /// must use another `mqtt_listen` port (or an external broker).
+    /// Stops the HTTP API, the MQTT clients (flushing the ingest), the embedded broker,
+    /// and closes the database.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
         let http = self.http_task.await;
@@ -205,6 +229,10 @@ impl Registry {
             p.shutdown().await;
         }
         self.db.close().await;
+        if let Some(b) = self.broker {
+            // Joins the broker's threads: not on a runtime worker.
+            tokio::task::spawn_blocking(move || b.stop()).await?;
+        }
         http.context("HTTP task panicked")?
             .context("HTTP server failed")?;
         Ok(())

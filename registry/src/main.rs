@@ -12,12 +12,10 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // rumqttd logs every device connection at info; that drowns the registry's own logs
-    // with a fleet attached, so it is quieter unless RUST_LOG says otherwise.
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn")),
+                .unwrap_or_else(|_| EnvFilter::new(wpm_registry::DEFAULT_LOG_FILTER)),
         )
         .init();
     wpm_registry::serve(Cli::parse().serve).await

@@ -4,14 +4,16 @@
 use crate::db::{Db, DeploymentRow, ModuleRow};
 use crate::keys;
 use anyhow::Context as _;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Mutex};
 use wpm_manifests::{encode, sha256, Chunk, KeyPair, ModuleManifest, Topic};
 
-/// MQTT connection settings shared by the registry's clients.
+/// MQTT connection settings shared by the registry's clients (all MQTT 5).
 #[derive(Clone, Debug)]
 pub struct MqttSettings {
     pub host: String,
@@ -20,12 +22,14 @@ pub struct MqttSettings {
 }
 
 impl MqttSettings {
+    /// A clean session: the publisher keeps nothing at the broker between connections
+    /// (everything it publishes is republished after a reconnect anyway).
     pub fn options(&self, client_id: String) -> MqttOptions {
         let mut o = MqttOptions::new(client_id, self.host.clone(), self.port);
         o.set_keep_alive(Duration::from_secs(30));
-        o.set_max_packet_size(self.max_packet_size, self.max_packet_size);
-        o.set_clean_session(true);
-        o.set_inflight(100);
+        o.set_max_packet_size(Some(self.max_packet_size as u32));
+        o.set_clean_start(true);
+        o.set_outgoing_inflight_upper_limit(100);
         o
     }
 }

@@ -6,36 +6,37 @@
 //! controller at a time drives it: the replica holding the `rollout-controller` lease.
 //! A replica that dies stops renewing its lease; another takes it over when it expires
 //! and carries on from the rows.
+//!
+//! The controller is driven by arriving reports: ingest wakes it after every batch it
+//! writes, and a pass judges all updating devices of a rollout in three set-based
+//! statements ([`Db::judge_updating`]), counts them, and asks the pure [`plan`] what to
+//! do next. A stage therefore advances as soon as its last device confirmed, and the
+//! cost of a pass does not depend on the size of the fleet.
 
-use crate::db::{now_ms, Db, DesiredChange, ModuleRow};
+use crate::db::{now_ms, DesiredChange, ModuleRow};
 use crate::deploy::Deployer;
 use anyhow::Context as _;
 use serde::Serialize;
-use sqlx::any::AnyRow;
-use sqlx::Row as _;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
-use wpm_manifests::Target;
+use tokio::sync::{watch, Notify};
+use wpm_manifests::{HealthWindow, Target};
 
 /// How long the controller lease lasts without renewal: how long a killed replica's
 /// rollouts wait before another replica takes them over.
 pub const LEASE_TTL_MS: i64 = 5_000;
-/// How often the controller looks at the rollouts.
-pub const TICK: Duration = Duration::from_millis(500);
+/// A pass runs at least this often without any report (stage timeouts, the lease).
+pub const IDLE_PASS: Duration = Duration::from_secs(1);
+/// Passes woken by reports are at least this far apart: a burst of batches is judged
+/// together.
+pub const MIN_PASS_GAP: Duration = Duration::from_millis(50);
 const LEASE: &str = "rollout-controller";
-/// Per-device manifests are issued in runs of this many between lease renewals, so a
-/// large stage never outlives the lease.
-const RENEW_EVERY: usize = 50;
 
-/// Event kinds that fail a device's update of the rollout's module.
-const FAILURE_KINDS: [&str; 4] = [
-    "install_failed",
-    "rolled_back",
-    "trapped",
-    "manifest_rejected",
-];
+/// Event kinds that fail a device's update when they name the rollout's module version.
+/// (A `manifest_rejected` that is not a replay fails it too; see [`Db::judge_updating`].)
+pub(crate) const FAILURE_KINDS: [&str; 3] = ["install_failed", "rolled_back", "trapped"];
+
+use crate::db::Db;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -59,7 +60,7 @@ impl RolloutState {
         }
     }
 
-    fn parse(s: &str) -> anyhow::Result<Self> {
+    pub(crate) fn parse(s: &str) -> anyhow::Result<Self> {
         Ok(match s {
             "running" => RolloutState::Running,
             "paused" => RolloutState::Paused,
@@ -82,6 +83,8 @@ pub struct NewRollout {
     pub max_failure_pct: u8,
     /// A device that has not confirmed within this time counts as failed.
     pub stage_timeout: Duration,
+    /// What the new version must pass on each device before it counts as confirmed.
+    pub health: HealthWindow,
 }
 
 /// Checks a stage list: 1 to 10 cumulative percentages, increasing, ending with 100.
@@ -117,6 +120,7 @@ pub struct Rollout {
     pub group_sequence: Option<i64>,
     /// Why it halted or was rolled back.
     pub reason: Option<String>,
+    pub health: HealthWindow,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
 }
@@ -143,7 +147,7 @@ impl DeviceState {
         }
     }
 
-    fn parse(s: &str) -> anyhow::Result<Self> {
+    pub(crate) fn parse(s: &str) -> anyhow::Result<Self> {
         Ok(match s {
             "updating" => DeviceState::Updating,
             "succeeded" => DeviceState::Succeeded,
@@ -178,393 +182,10 @@ pub struct Counts {
 }
 
 impl Counts {
-    pub fn of(devices: &[RolloutDevice]) -> Counts {
-        let mut c = Counts {
-            assigned: devices.len(),
-            ..Counts::default()
-        };
-        for d in devices {
-            match d.state {
-                DeviceState::Updating => c.updating += 1,
-                DeviceState::Succeeded => c.succeeded += 1,
-                DeviceState::Failed => c.failed += 1,
-                DeviceState::RolledBack => c.rolled_back += 1,
-            }
-        }
-        c
-    }
-
     /// Whether the failures so far pass the threshold (a share of the devices assigned).
     pub fn over_threshold(&self, max_failure_pct: i64) -> bool {
         self.failed > 0 && self.failed * 100 > max_failure_pct.max(0) as usize * self.assigned
     }
-}
-
-const ROLLOUT_COLUMNS: &str = "id, module_name, version, previous_version, group_name, \
-    stages_json, stage, state, max_failure_pct, stage_timeout_ms, group_sequence, reason, \
-    created_at, updated_at";
-
-fn rollout_from_row(r: &AnyRow) -> anyhow::Result<Rollout> {
-    let stages: String = r.try_get("stages_json")?;
-    Ok(Rollout {
-        id: r.try_get("id")?,
-        module: r.try_get("module_name")?,
-        version: r.try_get("version")?,
-        previous_version: r.try_get("previous_version")?,
-        group: r.try_get("group_name")?,
-        stages: serde_json::from_str(&stages).context("stored stages")?,
-        stage: r.try_get::<i64, _>("stage")?.try_into()?,
-        state: RolloutState::parse(&r.try_get::<String, _>("state")?)?,
-        max_failure_pct: r.try_get("max_failure_pct")?,
-        stage_timeout_ms: r.try_get("stage_timeout_ms")?,
-        group_sequence: r.try_get("group_sequence")?,
-        reason: r.try_get("reason")?,
-        created_at_ms: r.try_get("created_at")?,
-        updated_at_ms: r.try_get("updated_at")?,
-    })
-}
-
-impl Db {
-    /// Records a new rollout (state running, no stage started yet). Fails if a rollout of
-    /// the same module to the same group is still running or paused.
-    pub async fn create_rollout(
-        &self,
-        new: &NewRollout,
-        previous_version: Option<&str>,
-    ) -> anyhow::Result<Result<Rollout, String>> {
-        let mut tx = self.pool.begin().await?;
-        // The counter row lock serialises concurrent creations (also across replicas on
-        // PostgreSQL), so the check below cannot race with another insert.
-        let id: i64 =
-            sqlx::query("UPDATE counters SET value = value + 1 WHERE name = $1 RETURNING value")
-                .bind("rollout_id")
-                .fetch_one(&mut *tx)
-                .await?
-                .try_get("value")?;
-        let busy: Option<i64> = sqlx::query(
-            "SELECT MIN(id) AS id FROM rollouts WHERE group_name = $1 AND module_name = $2 \
-             AND state IN ('running', 'paused', 'rolling_back')",
-        )
-        .bind(&new.group)
-        .bind(&new.module.name)
-        .fetch_one(&mut *tx)
-        .await?
-        .try_get("id")?;
-        if let Some(other) = busy {
-            return Ok(Err(format!(
-                "rollout {other} of {} to group {} is still active; pause it, roll it back or wait",
-                new.module.name, new.group
-            )));
-        }
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO rollouts (id, module_name, version, previous_version, group_name, \
-             stages_json, stage, state, max_failure_pct, stage_timeout_ms, group_sequence, \
-             reason, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, 0, 'running', $7, $8, NULL, NULL, $9, $10)",
-        )
-        .bind(id)
-        .bind(&new.module.name)
-        .bind(&new.module.version)
-        .bind(previous_version)
-        .bind(&new.group)
-        .bind(serde_json::to_string(&new.stages)?)
-        .bind(i64::from(new.max_failure_pct))
-        .bind(i64::try_from(new.stage_timeout.as_millis())?)
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Ok(self.rollout(id).await?.context("rollout vanished")?))
-    }
-
-    pub async fn rollout(&self, id: i64) -> anyhow::Result<Option<Rollout>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE id = $1"
-        )))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(rollout_from_row).transpose()
-    }
-
-    /// Rollouts, newest first; only those the controller must act on if `active`.
-    pub async fn rollouts(&self, active: bool) -> anyhow::Result<Vec<Rollout>> {
-        let filter = if active {
-            "WHERE state IN ('running', 'rolling_back')"
-        } else {
-            ""
-        };
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {ROLLOUT_COLUMNS} FROM rollouts {filter} ORDER BY id DESC"
-        )))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(rollout_from_row).collect()
-    }
-
-    pub async fn rollout_devices(&self, id: i64) -> anyhow::Result<Vec<RolloutDevice>> {
-        let rows = sqlx::query(
-            "SELECT device, stage, state, sequence, assigned_at, updated_at, detail \
-             FROM rollout_devices WHERE rollout_id = $1 ORDER BY device",
-        )
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(RolloutDevice {
-                    device: r.try_get("device")?,
-                    stage: r.try_get("stage")?,
-                    state: DeviceState::parse(&r.try_get::<String, _>("state")?)?,
-                    sequence: r.try_get("sequence")?,
-                    assigned_at_ms: r.try_get("assigned_at")?,
-                    updated_at_ms: r.try_get("updated_at")?,
-                    detail: r.try_get("detail")?,
-                })
-            })
-            .collect()
-    }
-
-    /// Moves a rollout from one of `from` to `to`; false if it was in none of them.
-    pub async fn set_rollout_state(
-        &self,
-        id: i64,
-        from: &[RolloutState],
-        to: RolloutState,
-        reason: Option<&str>,
-    ) -> anyhow::Result<bool> {
-        let from = from
-            .iter()
-            .map(|s| format!("'{}'", s.as_str()))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let r = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE rollouts SET state = $1, reason = COALESCE($2, reason), updated_at = $3 \
-             WHERE id = $4 AND state IN ({from})"
-        )))
-        .bind(to.as_str())
-        .bind(reason)
-        .bind(now_ms())
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(r.rows_affected() == 1)
-    }
-
-    async fn set_rollout_stage(
-        &self,
-        id: i64,
-        stage: usize,
-        group_sequence: Option<i64>,
-    ) -> anyhow::Result<()> {
-        sqlx::query(
-            "UPDATE rollouts SET stage = $1, group_sequence = COALESCE($2, group_sequence), \
-             updated_at = $3 WHERE id = $4",
-        )
-        .bind(i64::try_from(stage)?)
-        .bind(group_sequence)
-        .bind(now_ms())
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn assign_device(
-        &self,
-        id: i64,
-        device: &str,
-        stage: usize,
-        sequence: i64,
-    ) -> anyhow::Result<()> {
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO rollout_devices (rollout_id, device, stage, state, sequence, \
-             assigned_at, updated_at) VALUES ($1, $2, $3, 'updating', $4, $5, $6) \
-             ON CONFLICT (rollout_id, device) DO NOTHING",
-        )
-        .bind(id)
-        .bind(device)
-        .bind(i64::try_from(stage)?)
-        .bind(sequence)
-        .bind(now)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn set_device_states(
-        &self,
-        id: i64,
-        changes: &[(String, DeviceState, Option<String>)],
-    ) -> anyhow::Result<()> {
-        let now = now_ms();
-        let mut tx = self.pool.begin().await?;
-        for (device, state, detail) in changes {
-            sqlx::query(
-                "UPDATE rollout_devices SET state = $1, detail = COALESCE($2, detail), \
-                 updated_at = $3 WHERE rollout_id = $4 AND device = $5",
-            )
-            .bind(state.as_str())
-            .bind(detail.as_deref())
-            .bind(now)
-            .bind(id)
-            .bind(device)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    /// Members of a group, by the groups their status records report, sorted by id.
-    pub async fn group_members(&self, group: &str) -> anyhow::Result<Vec<String>> {
-        let rows = sqlx::query("SELECT id, groups_json FROM devices ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?;
-        let mut out = Vec::new();
-        for r in &rows {
-            let groups: Vec<String> =
-                serde_json::from_str(&r.try_get::<String, _>("groups_json")?).unwrap_or_default();
-            if groups.iter().any(|g| g == group) {
-                out.push(r.try_get("id")?);
-            }
-        }
-        Ok(out)
-    }
-
-    /// (version, state) of `module` on every device that reports it.
-    async fn module_states(
-        &self,
-        module: &str,
-    ) -> anyhow::Result<HashMap<String, Vec<(String, String)>>> {
-        let rows = sqlx::query("SELECT device, version, state FROM device_modules WHERE name = $1")
-            .bind(module)
-            .fetch_all(&self.pool)
-            .await?;
-        let mut out: HashMap<String, Vec<(String, String)>> = HashMap::new();
-        for r in &rows {
-            out.entry(r.try_get("device")?)
-                .or_default()
-                .push((r.try_get("version")?, r.try_get("state")?));
-        }
-        Ok(out)
-    }
-
-    /// Failure events received since `since_ms`: (device, kind, detail, received_at).
-    async fn failure_events(
-        &self,
-        since_ms: i64,
-    ) -> anyhow::Result<Vec<(String, String, serde_json::Value, i64)>> {
-        let kinds = FAILURE_KINDS
-            .iter()
-            .map(|k| format!("'{k}'"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT device, kind, detail, received_at FROM events \
-             WHERE received_at >= $1 AND kind IN ({kinds})"
-        )))
-        .bind(since_ms)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let detail: String = r.try_get("detail")?;
-                Ok((
-                    r.try_get("device")?,
-                    r.try_get("kind")?,
-                    serde_json::from_str(&detail).unwrap_or_default(),
-                    r.try_get("received_at")?,
-                ))
-            })
-            .collect()
-    }
-
-    /// Takes or renews a lease for `ttl_ms`; true if `holder` holds it now. One UPDATE
-    /// that only matches a free, expired or own lease: atomic on SQLite and PostgreSQL.
-    pub async fn take_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> anyhow::Result<bool> {
-        let now = now_ms();
-        let r = sqlx::query(
-            "UPDATE leases SET holder = $1, expires_at = $2 \
-             WHERE name = $3 AND (holder = $4 OR expires_at < $5)",
-        )
-        .bind(holder)
-        .bind(now + ttl_ms)
-        .bind(name)
-        .bind(holder)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        Ok(r.rows_affected() == 1)
-    }
-
-    /// Stops renewing and republishing the per-device deployments a rollout issued.
-    async fn retire_device_deployments(&self, devices: &[RolloutDevice]) -> anyhow::Result<()> {
-        let mut tx = self.pool.begin().await?;
-        for d in devices {
-            sqlx::query(
-                "UPDATE deployments SET retired = 1 \
-                 WHERE target_kind = 'device' AND target_name = $1 AND sequence <= $2",
-            )
-            .bind(&d.device)
-            .bind(d.sequence)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-}
-
-/// What a device's reports say about its update to `module@version`, if anything yet.
-fn judge(
-    r: &Rollout,
-    d: &RolloutDevice,
-    reported: Option<&Vec<(String, String)>>,
-    failures: &[&(String, String, serde_json::Value, i64)],
-    now: i64,
-) -> Option<(DeviceState, Option<String>)> {
-    for (_, kind, detail, received_at) in failures {
-        if *received_at < d.assigned_at_ms {
-            continue;
-        }
-        let about_us = detail["module"] == r.module.as_str()
-            && (detail["version"] == r.version.as_str()
-                || detail["from_version"] == r.version.as_str());
-        // A replayed older manifest (a retained one seen again) says nothing about ours.
-        let rejected_ours = kind == "manifest_rejected"
-            && !detail["reason"]
-                .as_str()
-                .unwrap_or_default()
-                .starts_with("replayed manifest");
-        if about_us || rejected_ours {
-            let reason = detail["reason"].as_str().unwrap_or_default();
-            return Some((DeviceState::Failed, Some(format!("{kind}: {reason}"))));
-        }
-    }
-    let running = reported
-        .into_iter()
-        .flatten()
-        .any(|(v, s)| *v == r.version && s == "running");
-    if running {
-        return Some((DeviceState::Succeeded, None));
-    }
-    if now - d.assigned_at_ms > r.stage_timeout_ms {
-        return Some((
-            DeviceState::Failed,
-            Some(format!(
-                "not running {}@{} after {} s",
-                r.module,
-                r.version,
-                r.stage_timeout_ms / 1000
-            )),
-        ));
-    }
-    None
 }
 
 /// How many devices of `members` a stage of `pct` % covers (at least one).
@@ -575,11 +196,47 @@ pub fn stage_size(members: usize, pct: u8) -> usize {
         .min(members)
 }
 
+/// What the controller does next with a running rollout, given its devices' counts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Devices of the current stage are still updating.
+    Wait,
+    /// Too many failed: revert the devices updated so far.
+    Halt(String),
+    /// Every device of the stages so far is judged: give the next stage the version.
+    StartStage { stage: usize, pct: u8 },
+    /// Every stage is done.
+    Complete,
+}
+
+/// The rollout rules, pure: halt past the failure threshold; otherwise wait while any
+/// device updates; otherwise start the next stage or complete.
+pub fn plan(r: &Rollout, counts: &Counts) -> Step {
+    if counts.over_threshold(r.max_failure_pct) {
+        return Step::Halt(format!(
+            "halted: {} of {} devices failed (threshold {} %)",
+            counts.failed, counts.assigned, r.max_failure_pct
+        ));
+    }
+    if counts.updating > 0 {
+        return Step::Wait;
+    }
+    match r.stages.get(r.stage) {
+        Some(&pct) => Step::StartStage {
+            stage: r.stage + 1,
+            pct,
+        },
+        None => Step::Complete,
+    }
+}
+
 /// Drives the rollouts. Only the lease holder acts.
 pub struct Controller {
     pub deployer: Arc<Deployer>,
     /// This replica's lease holder name.
     pub holder: String,
+    /// Notified by ingest after every batch of reports, and by the API after a change.
+    pub wake: Arc<Notify>,
 }
 
 impl Controller {
@@ -609,121 +266,91 @@ impl Controller {
         Ok(())
     }
 
-    /// Judges the updating devices, then halts, waits, starts the next stage or
-    /// completes.
+    /// Judges the updating devices, then does what [`plan`] says.
     async fn advance(&self, r: &Rollout) -> anyhow::Result<()> {
-        let devices = self.db().rollout_devices(r.id).await?;
-        let updating: Vec<&RolloutDevice> = devices
-            .iter()
-            .filter(|d| d.state == DeviceState::Updating)
-            .collect();
-        let mut counts = Counts::of(&devices);
-        if !updating.is_empty() {
-            let since = updating.iter().map(|d| d.assigned_at_ms).min().unwrap_or(0);
-            let reported = self.db().module_states(&r.module).await?;
-            let events = self.db().failure_events(since).await?;
-            let mut by_device: HashMap<&str, Vec<_>> = HashMap::new();
-            for e in &events {
-                by_device.entry(e.0.as_str()).or_default().push(e);
+        self.db().judge_updating(r, now_ms()).await?;
+        let counts = self.db().rollout_counts(r.id).await?;
+        match plan(r, &counts) {
+            Step::Wait => Ok(()),
+            Step::Halt(reason) => {
+                tracing::warn!(rollout = r.id, %reason, "rolling back");
+                self.db()
+                    .set_rollout_state(
+                        r.id,
+                        &[RolloutState::Running],
+                        RolloutState::RollingBack,
+                        Some(&reason),
+                    )
+                    .await?;
+                // Roll back in this same pass, not a tick later.
+                self.wake.notify_one();
+                Ok(())
             }
-            let now = now_ms();
-            let mut changes = Vec::new();
-            for d in updating {
-                let failures = by_device.get(d.device.as_str()).map_or(&[][..], |v| v);
-                if let Some((state, detail)) = judge(r, d, reported.get(&d.device), failures, now) {
-                    counts.updating -= 1;
-                    match state {
-                        DeviceState::Succeeded => counts.succeeded += 1,
-                        _ => counts.failed += 1,
-                    }
-                    changes.push((d.device.clone(), state, detail));
-                }
+            Step::StartStage { stage, pct } => self.start_stage(r, stage, pct).await,
+            Step::Complete => {
+                let last = self.db().current_sequence().await?;
+                self.db().retire_device_deployments(r.id, last).await?;
+                self.db()
+                    .set_rollout_state(
+                        r.id,
+                        &[RolloutState::Running],
+                        RolloutState::Completed,
+                        None,
+                    )
+                    .await?;
+                tracing::info!(rollout = r.id, "rollout completed");
+                Ok(())
             }
-            self.db().set_device_states(r.id, &changes).await?;
         }
-        if counts.over_threshold(r.max_failure_pct) {
-            let reason = format!(
-                "halted: {} of {} devices failed (threshold {} %)",
-                counts.failed, counts.assigned, r.max_failure_pct
-            );
-            tracing::warn!(rollout = r.id, %reason, "rolling back");
-            self.db()
-                .set_rollout_state(
-                    r.id,
-                    &[RolloutState::Running],
-                    RolloutState::RollingBack,
-                    Some(&reason),
-                )
-                .await?;
-            return Ok(());
-        }
-        if counts.updating > 0 {
-            return Ok(());
-        }
-        if r.stage >= r.stages.len() {
-            self.db().retire_device_deployments(&devices).await?;
-            self.db()
-                .set_rollout_state(
-                    r.id,
-                    &[RolloutState::Running],
-                    RolloutState::Completed,
-                    None,
-                )
-                .await?;
-            tracing::info!(rollout = r.id, "rollout completed");
-            return Ok(());
-        }
-        self.start_stage(r, &devices).await
     }
 
-    /// Gives the next stage's devices the new version: per-device manifests, or the
-    /// group manifest for the 100 % stage.
-    async fn start_stage(&self, r: &Rollout, devices: &[RolloutDevice]) -> anyhow::Result<()> {
-        let stage = r.stage + 1;
-        let pct = r.stages[r.stage];
+    /// Gives stage `stage` (`pct` % of the group, cumulative) the new version:
+    /// per-device manifests, or the group manifest for the 100 % stage.
+    async fn start_stage(&self, r: &Rollout, stage: usize, pct: u8) -> anyhow::Result<()> {
         let module = self
             .db()
             .module(&r.module, &r.version)
             .await?
             .context("the rollout's module was deleted")?;
-        let members = self.db().group_members(&r.group).await?;
-        let assigned: std::collections::HashSet<&str> =
-            devices.iter().map(|d| d.device.as_str()).collect();
         let group = Target::Group(r.group.clone());
         if pct == 100 {
             // Everyone left, and devices that join the group later, through one manifest.
             let (d, _) = self
                 .deployer
-                .deploy(&group, &DesiredChange::Set(module))
+                .deploy(&group, &DesiredChange::Set(module), Some(r.health))
                 .await?;
             let seq = i64::try_from(d.sequence)?;
-            for m in members.iter().filter(|m| !assigned.contains(m.as_str())) {
-                self.db().assign_device(r.id, m, stage, seq).await?;
-            }
+            self.db()
+                .assign_rest_of_group(r.id, &r.group, stage, seq)
+                .await?;
             self.db().set_rollout_stage(r.id, stage, Some(seq)).await?;
         } else {
+            let members = self.db().group_members(&r.group).await?;
+            let assigned: std::collections::HashSet<String> = self
+                .db()
+                .rollout_devices(r.id)
+                .await?
+                .into_iter()
+                .map(|d| d.device)
+                .collect();
+            let fresh: Vec<String> = members
+                .iter()
+                .take(stage_size(members.len(), pct))
+                .filter(|m| !assigned.contains(*m))
+                .cloned()
+                .collect();
             let mut set = self.db().desired_set(&group).await?;
             set.retain(|m| m.name != module.name);
             set.push(module);
-            let fresh = members
-                .iter()
-                .take(stage_size(members.len(), pct))
-                .filter(|m| !assigned.contains(m.as_str()));
-            for (i, m) in fresh.enumerate() {
-                if i % RENEW_EVERY == RENEW_EVERY - 1 && !self.hold_lease().await? {
-                    anyhow::bail!("lost the controller lease during stage {stage}");
-                }
-                let (d, _) = self
-                    .deployer
-                    .deploy(
-                        &Target::Device(m.clone()),
-                        &DesiredChange::Replace(set.clone()),
-                    )
-                    .await?;
-                self.db()
-                    .assign_device(r.id, m, stage, i64::try_from(d.sequence)?)
-                    .await?;
-            }
+            let rows = self
+                .deployer
+                .deploy_devices(&fresh, &set, Some(r.health))
+                .await?;
+            let assigned: Vec<(String, u64)> = fresh
+                .into_iter()
+                .zip(rows.iter().map(|d| d.sequence))
+                .collect();
+            self.db().assign_devices(r.id, &assigned, stage).await?;
             self.db().set_rollout_stage(r.id, stage, None).await?;
         }
         tracing::info!(rollout = r.id, stage, pct, "rollout stage started");
@@ -733,7 +360,6 @@ impl Controller {
     /// Sends the devices already given the new version back to the previous one, with
     /// new manifests (new sequences: devices never accept an older one).
     async fn roll_back(&self, r: &Rollout) -> anyhow::Result<()> {
-        let devices = self.db().rollout_devices(r.id).await?;
         let group = Target::Group(r.group.clone());
         let mut set = self.db().desired_set(&group).await?;
         if r.group_sequence.is_some() {
@@ -748,39 +374,23 @@ impl Controller {
                 );
             }
             self.deployer
-                .deploy(&group, &DesiredChange::Replace(set))
+                .deploy(&group, &DesiredChange::Replace(set), None)
                 .await?;
-            let changes: Vec<_> = devices
-                .iter()
-                .filter(|d| d.state != DeviceState::RolledBack)
-                .map(|d| (d.device.clone(), DeviceState::RolledBack, None))
-                .collect();
-            self.db().set_device_states(r.id, &changes).await?;
         } else {
             // The group's set still holds the previous version: that is each device's.
-            for (i, d) in devices
-                .iter()
+            let devices: Vec<String> = self
+                .db()
+                .rollout_devices(r.id)
+                .await?
+                .into_iter()
                 .filter(|d| d.state != DeviceState::RolledBack)
-                .enumerate()
-            {
-                if i % RENEW_EVERY == RENEW_EVERY - 1 && !self.hold_lease().await? {
-                    anyhow::bail!("lost the controller lease during a rollback");
-                }
-                self.deployer
-                    .deploy(
-                        &Target::Device(d.device.clone()),
-                        &DesiredChange::Replace(set.clone()),
-                    )
-                    .await?;
-                self.db()
-                    .set_device_states(r.id, &[(d.device.clone(), DeviceState::RolledBack, None)])
-                    .await?;
-            }
+                .map(|d| d.device)
+                .collect();
+            self.deployer.deploy_devices(&devices, &set, None).await?;
         }
-        // Re-read: the per-device rollback manifests are retired too.
-        self.db()
-            .retire_device_deployments(&self.db().rollout_devices(r.id).await?)
-            .await?;
+        self.db().mark_rolled_back(r.id).await?;
+        let last = self.db().current_sequence().await?;
+        self.db().retire_device_deployments(r.id, last).await?;
         self.db()
             .set_rollout_state(
                 r.id,
@@ -789,16 +399,13 @@ impl Controller {
                 None,
             )
             .await?;
-        tracing::info!(
-            rollout = r.id,
-            devices = devices.len(),
-            "rollout rolled back"
-        );
+        tracing::info!(rollout = r.id, "rollout rolled back");
         Ok(())
     }
 }
 
-/// Runs the controller every [`TICK`] until `stop`.
+/// Runs the controller until `stop`: a pass after every wake-up (reports arrived, an
+/// operator acted), at most every [`MIN_PASS_GAP`], and at least every [`IDLE_PASS`].
 pub async fn controller_loop(ctl: Arc<Controller>, mut stop: watch::Receiver<bool>) {
     loop {
         if let Err(e) = ctl.tick().await {
@@ -806,7 +413,12 @@ pub async fn controller_loop(ctl: Arc<Controller>, mut stop: watch::Receiver<boo
         }
         tokio::select! {
             _ = stop.changed() => break,
-            _ = tokio::time::sleep(TICK) => {}
+            _ = ctl.wake.notified() => {}
+            _ = tokio::time::sleep(IDLE_PASS) => {}
+        }
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tokio::time::sleep(MIN_PASS_GAP) => {}
         }
     }
 }
@@ -843,68 +455,60 @@ mod tests {
         assert!(!c(1, 0).over_threshold(0));
     }
 
-    fn rollout() -> Rollout {
+    fn rollout(stage: usize) -> Rollout {
         Rollout {
             id: 1,
             module: "hello".into(),
             version: "2.0.0".into(),
             previous_version: Some("1.0.0".into()),
             group: "g".into(),
-            stages: vec![1, 100],
-            stage: 1,
+            stages: vec![1, 10, 100],
+            stage,
             state: RolloutState::Running,
             max_failure_pct: 10,
             stage_timeout_ms: 60_000,
             group_sequence: None,
             reason: None,
+            health: HealthWindow::DEFAULT,
             created_at_ms: 0,
             updated_at_ms: 0,
         }
     }
 
-    fn device() -> RolloutDevice {
-        RolloutDevice {
-            device: "d".into(),
-            stage: 1,
-            state: DeviceState::Updating,
-            sequence: 5,
-            assigned_at_ms: 1_000,
-            updated_at_ms: 1_000,
-            detail: None,
+    fn counts(assigned: usize, updating: usize, failed: usize) -> Counts {
+        Counts {
+            assigned,
+            updating,
+            succeeded: assigned - updating - failed,
+            failed,
+            rolled_back: 0,
         }
     }
 
     #[test]
-    fn judges_devices_by_their_reports() {
-        let (r, d) = (rollout(), device());
-        let old_running = vec![("1.0.0".to_string(), "running".to_string())];
-        assert_eq!(judge(&r, &d, Some(&old_running), &[], 2_000), None);
-        let new_running = vec![("2.0.0".to_string(), "running".to_string())];
+    fn a_new_rollout_starts_its_first_stage() {
         assert_eq!(
-            judge(&r, &d, Some(&new_running), &[], 2_000).map(|x| x.0),
-            Some(DeviceState::Succeeded)
+            plan(&rollout(0), &Counts::default()),
+            Step::StartStage { stage: 1, pct: 1 }
         );
-        let rolled = (
-            "d".to_string(),
-            "rolled_back".to_string(),
-            serde_json::json!({"module":"hello","from_version":"2.0.0","to_version":"1.0.0","reason":"init returned 7"}),
-            1_500,
-        );
-        let (state, why) = judge(&r, &d, Some(&old_running), &[&rolled], 2_000).unwrap();
-        assert_eq!(state, DeviceState::Failed);
-        assert!(why.unwrap().contains("init returned 7"));
-        // Events from before the device got the manifest, and replays, do not count.
-        let early = (rolled.0.clone(), rolled.1.clone(), rolled.2.clone(), 500);
-        let replay = (
-            "d".to_string(),
-            "manifest_rejected".to_string(),
-            serde_json::json!({"reason":"replayed manifest: sequence 3 is older than accepted 5"}),
-            1_500,
-        );
-        assert_eq!(judge(&r, &d, None, &[&early, &replay], 2_000), None);
+    }
+
+    #[test]
+    fn a_stage_waits_for_its_last_device_then_the_next_starts() {
+        assert_eq!(plan(&rollout(1), &counts(10, 1, 0)), Step::Wait);
         assert_eq!(
-            judge(&r, &d, None, &[], 70_000).map(|x| x.0),
-            Some(DeviceState::Failed)
+            plan(&rollout(1), &counts(10, 0, 0)),
+            Step::StartStage { stage: 2, pct: 10 }
         );
+        assert_eq!(plan(&rollout(3), &counts(1000, 0, 0)), Step::Complete);
+    }
+
+    #[test]
+    fn failures_past_the_threshold_halt_even_while_devices_update() {
+        assert_eq!(plan(&rollout(2), &counts(100, 50, 10)), Step::Wait);
+        assert!(matches!(
+            plan(&rollout(2), &counts(100, 50, 11)),
+            Step::Halt(reason) if reason.contains("11 of 100")
+        ));
     }
 }

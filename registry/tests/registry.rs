@@ -252,7 +252,9 @@ async fn check_ingest(reg: &Registry) {
         .await;
     // Garbage on a status topic is logged and counted, and ingest keeps going.
     let (_, h0) = api.get("/v1/health").await;
-    let malformed0 = h0["ingest"]["malformed"].as_u64().unwrap();
+    let malformed0 = h0["ingest"]["refused"]["undecodable_payload"]
+        .as_u64()
+        .unwrap();
     dev.publish(Topic::Status(&id).render(), vec![0xff, 0xfe, 0x01])
         .await;
 
@@ -297,7 +299,8 @@ async fn check_ingest(reg: &Registry) {
 
     eventually(WAIT, || async {
         let (_, h) = api.get("/v1/health").await;
-        (h["ingest"]["malformed"].as_u64().unwrap() > malformed0).then_some(())
+        let refused = h["ingest"]["refused"]["undecodable_payload"].as_u64();
+        (refused.unwrap() > malformed0).then_some(())
     })
     .await
     .expect("malformed status counted");

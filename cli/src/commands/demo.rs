@@ -211,6 +211,8 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> Result<()> {
         version: "1.0.0".into(),
         group: Some(DEMO_GROUP.into()),
         device: None,
+        health_turns: None,
+        health_seconds: None,
     };
     let (deployment, _) = deploy::deploy(&client, &req).await?;
     emit(&deploy::describe("hello@1.0.0", &deployment));

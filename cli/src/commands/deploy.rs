@@ -57,7 +57,23 @@ pub struct DeployArgs {
     pub fleet: bool,
 
     #[command(flatten)]
+    pub health: HealthArgs,
+
+    #[command(flatten)]
     pub conn: crate::ConnArgs,
+}
+
+/// The health window a new version must pass on each device before it is confirmed and
+/// the old version freed (shared by `deploy` and `rollout create`).
+#[derive(Debug, Clone, Args)]
+pub struct HealthArgs {
+    /// Scheduler turns the new version must run without trapping [registry default: 3]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub health_turns: Option<u32>,
+
+    /// Seconds the new version must stay up [registry default: 0]
+    #[arg(long, value_name = "S")]
+    pub health_seconds: Option<u32>,
 }
 
 /// The registry gives `expires_at` in unix seconds (the manifest's own unit); accept
@@ -106,6 +122,8 @@ pub async fn run(global: &GlobalArgs, args: DeployArgs) -> Result<()> {
         version: args.module.version.clone(),
         group: args.group,
         device: args.device,
+        health_turns: args.health.health_turns,
+        health_seconds: args.health.health_seconds,
     };
     let (deployment, raw) = deploy(&client, &req).await?;
     if global.json {

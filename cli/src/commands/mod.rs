@@ -1,6 +1,7 @@
 //! One file per command family; `main.rs` only parses and dispatches.
 
 pub mod bench;
+pub mod broker;
 pub mod command;
 pub mod demo;
 pub mod deploy;

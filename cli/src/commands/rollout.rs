@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
 
 use crate::client::Client;
-use crate::commands::deploy::{parse_module_spec, ModuleSpec};
+use crate::commands::deploy::{parse_module_spec, HealthArgs, ModuleSpec};
 use crate::config::Settings;
 use crate::output::{emit, emit_json, now_ms, relative_time, Table};
 use crate::GlobalArgs;
@@ -56,6 +56,9 @@ pub struct CreateArgs {
     /// A device that has not confirmed the new version within this many seconds failed
     #[arg(long, value_name = "SECS", default_value_t = 600)]
     pub stage_timeout: u64,
+
+    #[command(flatten)]
+    pub health: HealthArgs,
 
     /// Return once the rollout is created instead of following it
     #[arg(long)]
@@ -196,6 +199,8 @@ async fn create(global: &GlobalArgs, args: CreateArgs) -> Result<()> {
         "stages": args.stages,
         "max_failure_pct": args.max_failure_pct,
         "stage_timeout_s": args.stage_timeout,
+        "health_turns": args.health.health_turns,
+        "health_seconds": args.health.health_seconds,
     });
     let r = client
         .post_json("/v1/rollouts", &body)

@@ -88,7 +88,7 @@ pub fn fleet_config(
     cfg.id_prefix = id_prefix;
     cfg.devices = devices;
     if let Some(slots) = slots {
-        cfg.slots = slots;
+        cfg.tuning.slots = slots;
     }
     cfg.state_dir = state_dir;
     cfg

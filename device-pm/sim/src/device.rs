@@ -1,22 +1,32 @@
-//! One simulated device: the device-pm core, a simulated flash and one MQTT connection.
+//! One simulated device: the device-pm core, a simulated flash and one MQTT 5 connection.
 
-use crate::FleetConfig;
+use crate::{FleetConfig, Probe};
 use anyhow::{Context, Result};
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use wpm_device_pm::sim_flash::SimFlash;
-use wpm_device_pm::{Config, Device, Input, Output};
+use wpm_device_pm::{Config, Device, Input, Output, Qos, Tuning};
 
 /// Largest MQTT packet a device accepts: a chunk plus headers, with room to spare.
-const MAX_PACKET: usize = 64 * 1024;
+const MAX_PACKET: u32 = 64 * 1024;
 /// Requests the core may queue towards the broker between two polls of the event loop.
 /// The core bounds its own in-flight chunk requests far below this.
 const REQUEST_QUEUE: usize = 1024;
-/// Wait after a failed connection before the event loop tries again.
-const RECONNECT_BACKOFF: Duration = Duration::from_secs(1);
+/// A connection that lasted this long resets the reconnect back-off.
+const STABLE_CONNECTION: Duration = Duration::from_secs(60);
+
+fn qos(q: Qos) -> QoS {
+    match q {
+        Qos::AtMostOnce => QoS::AtMostOnce,
+        Qos::AtLeastOnce => QoS::AtLeastOnce,
+    }
+}
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -29,7 +39,9 @@ pub struct SimDevice {
     id: String,
     core: Device<SimFlash>,
     options: MqttOptions,
+    tuning: Tuning,
     flash_path: Option<PathBuf>,
+    probe: Option<Arc<Probe>>,
 }
 
 impl SimDevice {
@@ -50,10 +62,7 @@ impl SimDevice {
             device_id: id.clone(),
             groups: config.groups.clone(),
             trusted_keys: config.trusted_keys.clone(),
-            slots: config.slots,
-            chunk_window: 4,
-            turn_interval_ms: config.turn_interval_ms,
-            status_interval_ms: 30_000,
+            tuning: config.tuning,
         };
         let core = Device::new(core_config, flash, now_ms())
             .map_err(|e| anyhow::anyhow!("device {id}: flash store does not boot: {e:?}"))?;
@@ -67,21 +76,25 @@ impl SimDevice {
             )
         })?;
         let (will_topic, will_payload) = core.last_will();
+        let tuning = config.tuning;
         options
-            .set_keep_alive(Duration::from_secs(30))
-            .set_clean_session(true)
-            .set_max_packet_size(MAX_PACKET, MAX_PACKET)
+            .set_keep_alive(Duration::from_secs(tuning.keep_alive_s.into()))
+            .set_clean_start(true)
+            .set_max_packet_size(Some(MAX_PACKET))
             .set_last_will(LastWill::new(
                 will_topic,
                 will_payload,
-                QoS::AtLeastOnce,
+                qos(tuning.publish_qos),
                 true,
+                None,
             ));
         Ok(Self {
             id,
             core,
             options,
+            tuning,
             flash_path,
+            probe: config.probe.clone(),
         })
     }
 
@@ -95,7 +108,7 @@ impl SimDevice {
         // The event loop runs in its own task: `EventLoop::poll` is not cancel-safe, so it
         // must never be a losing branch of the select below.
         let (tx, mut rx) = mpsc::channel(64);
-        let poller = tokio::spawn(drive(events, tx));
+        let poller = tokio::spawn(drive(events, tx, self.tuning));
         let mut online = false;
         loop {
             let timer = self
@@ -111,7 +124,9 @@ impl SimDevice {
                         self.core.handle(now_ms(), Input::LinkUp);
                     }
                     Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
-                        self.core.handle(now_ms(), Input::Message { topic: &p.topic, payload: &p.payload });
+                        if let Ok(topic) = std::str::from_utf8(&p.topic) {
+                            self.core.handle(now_ms(), Input::Message { topic, payload: &p.payload });
+                        }
                     }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
@@ -133,13 +148,20 @@ impl SimDevice {
     fn carry_out(&mut self, client: &AsyncClient) {
         while let Some(output) = self.core.poll_output() {
             let sent = match output {
-                Output::Subscribe { topic } => client.try_subscribe(topic, QoS::AtLeastOnce),
+                Output::Subscribe { topic } => {
+                    client.try_subscribe(topic, qos(self.tuning.subscribe_qos))
+                }
                 Output::Unsubscribe { topic } => client.try_unsubscribe(topic),
                 Output::Publish {
                     topic,
                     payload,
                     retain,
-                } => client.try_publish(topic, QoS::AtLeastOnce, retain, payload),
+                } => {
+                    if let Some(p) = &self.probe {
+                        p.published(&topic, &payload, now_ms());
+                    }
+                    client.try_publish(topic, qos(self.tuning.publish_qos), retain, payload)
+                }
                 Output::Log {
                     module,
                     level,
@@ -168,7 +190,10 @@ impl SimDevice {
         poller: tokio::task::JoinHandle<()>,
     ) -> Result<()> {
         let (topic, payload) = self.core.last_will();
-        let _ = client.try_publish(topic, QoS::AtLeastOnce, true, payload);
+        if let Some(p) = &self.probe {
+            p.published(&topic, &payload, now_ms());
+        }
+        let _ = client.try_publish(topic, qos(self.tuning.publish_qos), true, payload);
         let _ = client.try_disconnect();
         // Wait until the goodbye is on the wire, or give up after a short while.
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -189,20 +214,32 @@ impl SimDevice {
     }
 }
 
-type Polled = Result<Event, rumqttc::ConnectionError>;
+type Polled = Result<Event, rumqttc::v5::ConnectionError>;
 
 /// Polls the MQTT event loop forever, handing every event to the device task. rumqttc
-/// reconnects on the next poll after an error; the pause keeps a dead broker from being
-/// hammered.
-async fn drive(mut events: EventLoop, tx: mpsc::Sender<Polled>) {
+/// reconnects on the next poll after an error; the pause, doubling as the firmware's
+/// does, keeps a dead broker from being hammered.
+async fn drive(mut events: EventLoop, tx: mpsc::Sender<Polled>, tuning: Tuning) {
+    let mut backoff_ms = 0;
+    let mut connected_at = None;
     loop {
         let event = events.poll().await;
         let failed = event.is_err();
+        if let Ok(Event::Incoming(Packet::ConnAck(_))) = &event {
+            connected_at = Some(Instant::now());
+        }
         if tx.send(event).await.is_err() {
             return;
         }
         if failed {
-            tokio::time::sleep(RECONNECT_BACKOFF).await;
+            if connected_at
+                .take()
+                .is_some_and(|t| t.elapsed() > STABLE_CONNECTION)
+            {
+                backoff_ms = 0;
+            }
+            backoff_ms = tuning.next_backoff_ms(backoff_ms);
+            tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
         }
     }
 }

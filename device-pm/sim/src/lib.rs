@@ -1,18 +1,24 @@
 //! The PC device simulator: the same sans-IO [`wpm_device_pm::Device`] core the firmware
-//! runs, driven by tokio and a real MQTT connection (rumqttc), on a simulated NOR flash.
+//! runs, driven by tokio and a real MQTT 5 connection (rumqttc), on a simulated NOR flash.
 //!
 //! Each simulated device is one tokio task owning one MQTT connection, with its own
 //! client id (= device id) and last will. The task is the device's "firmware main loop":
-//! it feeds the core link, message and timer inputs and carries out the core's outputs.
+//! it feeds the core link, message and timer inputs and carries out the core's outputs,
+//! with the firmware's own [`Tuning`] (QoS, keep-alive, chunk window, intervals,
+//! reconnect back-off), so a simulated fleet speaks exactly what a real one speaks.
 //! Flash images can be kept in a state directory so a restarted simulator resumes where
 //! its devices stood, as real devices do after a reboot.
 
 mod device;
+mod probe;
 
 pub use device::SimDevice;
+pub use probe::{Milestone, Probe};
+pub use wpm_device_pm::{Qos, Tuning};
 
 use anyhow::{Context, Result};
 use std::path::PathBuf;
+use std::sync::Arc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -28,14 +34,14 @@ pub struct FleetConfig {
     /// Device ids are `{id_prefix}-{index:04}`.
     pub id_prefix: String,
     pub devices: usize,
-    /// Runtime slots per device.
-    pub slots: usize,
     /// Simulated flash size per device, bytes (the nRF9160 has 1 MiB, part of it firmware).
     pub flash_size: usize,
     /// Keep each device's flash image here across runs (`{id}.flash`).
     pub state_dir: Option<PathBuf>,
-    /// Scheduler period of every device.
-    pub turn_interval_ms: u64,
+    /// Link and scheduling settings; [`Tuning::NRF9160`] unless a test speeds it up.
+    pub tuning: Tuning,
+    /// Counts what the devices publish, when set.
+    pub probe: Option<Arc<Probe>>,
 }
 
 impl FleetConfig {
@@ -46,10 +52,10 @@ impl FleetConfig {
             groups: Vec::new(),
             id_prefix: "sim".into(),
             devices: 1,
-            slots: 4,
             flash_size: 512 * 1024,
             state_dir: None,
-            turn_interval_ms: 1000,
+            tuning: Tuning::NRF9160,
+            probe: None,
         }
     }
 

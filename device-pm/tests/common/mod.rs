@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use wpm_device_pm::sim_flash::SimFlash;
-use wpm_device_pm::{Config, Device, Input, Limits, Output};
+use wpm_device_pm::{Config, Device, Input, Limits, Output, Tuning};
 use wpm_manifests::{
     encode, golden, Action, Chunk, Command, Deployment, Event, EventKind, KeyPair, ModuleManifest,
     ModuleRef, Target, Topic,
@@ -17,6 +17,8 @@ pub const DEVICE: &str = "dev-1";
 pub const T0: u64 = 1_790_000_000_000;
 pub const CHUNK_SIZE: u32 = 64;
 pub const TURN_MS: u64 = 1_000;
+/// Turns of the default health window (deployments here name none).
+pub const HEALTH_TURNS: u32 = wpm_manifests::HealthWindow::DEFAULT.turns;
 /// Room for three slots of the test modules (64 KiB memory limit each).
 pub const LIMITS: Limits = Limits {
     bank_size: 8192,
@@ -31,10 +33,13 @@ pub fn config() -> Config {
         device_id: DEVICE.into(),
         groups: vec!["eu".into()],
         trusted_keys: vec![golden::key().public()],
-        slots: 3,
-        chunk_window: 2,
-        turn_interval_ms: TURN_MS,
-        status_interval_ms: 60_000,
+        tuning: Tuning {
+            slots: 3,
+            chunk_window: 2,
+            turn_interval_ms: TURN_MS,
+            status_interval_ms: 60_000,
+            ..Tuning::NRF9160
+        },
     }
 }
 
@@ -242,6 +247,7 @@ impl World {
             issued_at: self.now / 1000,
             expires_at: self.now / 1000 + 86_400,
             modules,
+            health: None,
         }
     }
 

@@ -7,13 +7,14 @@
 //!
 //! * connects (DNS or a dotted IPv4 address from the provisioning record), with the core's
 //!   last will as MQTT will and a keep-alive;
-//! * turns `Subscribe`/`Unsubscribe`/`Publish` outputs into MQTT packets (QoS 0: TCP
-//!   carries them, and the core re-requests what it misses after a timeout and republishes
-//!   its whole status on every `LinkUp`);
+//! * turns `Subscribe`/`Unsubscribe`/`Publish` outputs into MQTT packets with the QoS of
+//!   the shared [`Tuning`] (reports at least once, subscriptions at most once: the core
+//!   re-requests what it misses after a timeout and republishes its whole status on every
+//!   `LinkUp`);
 //! * delivers incoming publishes as `Input::Message`, and `Input::Timer` at `next_timer()`;
 //! * sends PINGREQ when the link was quiet for half the keep-alive and drops the
 //!   connection when no PINGRESP came back within the keep-alive;
-//! * on any error: `Input::LinkDown`, back-off (1 s doubling to 60 s), reconnect.
+//! * on any error: `Input::LinkDown`, back-off (the tuning's, doubling), reconnect.
 #![no_std]
 
 extern crate alloc;
@@ -37,15 +38,19 @@ use rust_mqtt::client::options::{
 };
 use rust_mqtt::client::{Client, MqttError};
 use rust_mqtt::config::KeepAlive;
-use rust_mqtt::types::{MqttBinary, MqttString, TopicFilter, TopicName};
+use rust_mqtt::types::{MqttBinary, MqttString, QoS, TopicFilter, TopicName};
 use rust_mqtt::Bytes;
-use wpm_device_pm::{Config, Device, Input, Output};
+use wpm_device_pm::{Config, Device, Input, Output, Qos};
 
+pub use wpm_device_pm::Tuning;
 pub use wpm_provisioning::Record;
 
-/// Seconds without a packet after which the broker drops us (and we it).
-pub const KEEP_ALIVE_S: u16 = 60;
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
+fn qos(q: Qos) -> QoS {
+    match q {
+        Qos::AtMostOnce => QoS::AtMostOnce,
+        Qos::AtLeastOnce => QoS::AtLeastOnce,
+    }
+}
 
 /// What the loop needs from the board.
 pub trait Board {
@@ -56,25 +61,13 @@ pub trait Board {
     fn log(&self, args: fmt::Arguments<'_>);
 }
 
-/// Device settings that are not per-device (those come from the provisioning record).
-#[derive(Debug, Clone, Copy)]
-pub struct Tuning {
-    pub slots: usize,
-    pub chunk_window: usize,
-    pub turn_interval_ms: u64,
-    pub status_interval_ms: u64,
-}
-
 /// The device-pm configuration for a provisioned device.
 pub fn config(record: &Record, tuning: Tuning) -> Config {
     Config {
         device_id: record.device_id.clone(),
         groups: record.groups.clone(),
         trusted_keys: record.trusted_keys(),
-        slots: tuning.slots,
-        chunk_window: tuning.chunk_window,
-        turn_interval_ms: tuning.turn_interval_ms,
-        status_interval_ms: tuning.status_interval_ms,
+        tuning,
     }
 }
 
@@ -109,14 +102,15 @@ pub async fn run<F: NorFlash, B: Board>(
     stack: Stack<'_>,
     board: &B,
     record: &Record,
+    tuning: &Tuning,
     mut device: Device<F>,
 ) -> ! {
-    let mut backoff = Duration::from_secs(1);
+    let mut backoff_ms = 0;
     let mut rx = [0u8; 6144];
     let mut tx = [0u8; 2048];
     loop {
         let started = Instant::now();
-        match session(stack, board, record, &mut device, &mut rx, &mut tx).await {
+        match session(stack, board, record, tuning, &mut device, &mut rx, &mut tx).await {
             Ok(never) => match never {},
             Err(why) => board.log(format_args!("wpm: link down: {why}")),
         }
@@ -124,11 +118,12 @@ pub async fn run<F: NorFlash, B: Board>(
         drain_logs(&mut device, board);
         // A session that lasted resets the back-off; a broker that keeps failing at once
         // is not hammered.
-        if started.elapsed() > MAX_BACKOFF {
-            backoff = Duration::from_secs(1);
+        if started.elapsed() > Duration::from_millis(tuning.reconnect_max_ms) {
+            backoff_ms = 0;
         }
+        backoff_ms = tuning.next_backoff_ms(backoff_ms);
         // Meanwhile modules keep running on their turn timer.
-        let until = Instant::now() + backoff;
+        let until = Instant::now() + Duration::from_millis(backoff_ms);
         while Instant::now() < until {
             let wake = next_wake(&device, board).min(until);
             Timer::at(wake).await;
@@ -137,7 +132,6 @@ pub async fn run<F: NorFlash, B: Board>(
                 drain_logs(&mut device, board);
             }
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -182,17 +176,19 @@ async fn session<F: NorFlash, B: Board>(
     stack: Stack<'_>,
     board: &B,
     record: &Record,
+    tuning: &Tuning,
     device: &mut Device<F>,
     rx: &mut [u8],
     tx: &mut [u8],
 ) -> Result<core::convert::Infallible, Ended> {
+    let keep_alive_s = tuning.keep_alive_s.max(1);
     stack.wait_config_up().await;
     let Some(ip) = resolve(stack, &record.broker_host).await else {
         board.log(format_args!("wpm: cannot resolve {}", record.broker_host));
         return Err(Ended::Network);
     };
     let mut socket = TcpSocket::new(stack, rx, tx);
-    socket.set_timeout(Some(Duration::from_secs(KEEP_ALIVE_S as u64 * 2)));
+    socket.set_timeout(Some(Duration::from_secs(u64::from(keep_alive_s) * 2)));
     socket
         .connect((ip, record.broker_port))
         .await
@@ -210,8 +206,12 @@ async fn session<F: NorFlash, B: Board>(
     let will_payload = MqttBinary::try_from(will_payload.as_slice()).map_err(|_| Ended::Broker)?;
     let options = ConnectOptions::new()
         .clean_start()
-        .keep_alive(KeepAlive::Seconds(NonZero::new(KEEP_ALIVE_S).unwrap()))
-        .will(WillOptions::new(will_topic, will_payload).retain());
+        .keep_alive(KeepAlive::Seconds(NonZero::new(keep_alive_s).unwrap()))
+        .will(
+            WillOptions::new(will_topic, will_payload)
+                .retain()
+                .qos(qos(tuning.publish_qos)),
+        );
     let client_id = MqttString::try_from(record.device_id.as_str()).map_err(|_| Ended::Broker)?;
     client
         .connect(socket, &options, Some(client_id))
@@ -220,7 +220,7 @@ async fn session<F: NorFlash, B: Board>(
     board.log(format_args!("wpm: MQTT connected as {}", record.device_id));
 
     device.handle(board.unix_ms(), Input::LinkUp);
-    let keep_alive = Duration::from_secs(KEEP_ALIVE_S as u64);
+    let keep_alive = Duration::from_secs(u64::from(keep_alive_s));
     let mut last_sent = Instant::now();
     let mut ping_sent: Option<Instant> = None;
     let mut pending: VecDeque<Output> = VecDeque::new();
@@ -231,7 +231,7 @@ async fn session<F: NorFlash, B: Board>(
             pending.push_back(out);
         }
         while let Some(out) = pending.pop_front() {
-            match perform(&mut client, &out, board).await {
+            match perform(&mut client, &out, tuning, board).await {
                 Ok(true) => last_sent = Instant::now(),
                 Ok(false) => {
                     pending.push_front(out);
@@ -288,11 +288,12 @@ async fn session<F: NorFlash, B: Board>(
     }
 }
 
-/// Sends one output. `Ok(false)`: the client's window for (un)subscribe acknowledgements
-/// is full; try again after polling.
+/// Sends one output. `Ok(false)`: the client's window for (un)subscribe or publish
+/// acknowledgements is full; try again after polling.
 async fn perform<B: Board>(
     client: &mut Mqtt<'_, '_>,
     out: &Output,
+    tuning: &Tuning,
     board: &B,
 ) -> Result<bool, Ended> {
     let result = match out {
@@ -300,7 +301,10 @@ async fn perform<B: Board>(
             let t = MqttString::try_from(topic.as_str()).map_err(|_| Ended::Broker)?;
             let filter = TopicFilter::new(t).ok_or(Ended::Broker)?;
             client
-                .subscribe(filter, &SubscriptionOptions::new())
+                .subscribe(
+                    filter,
+                    &SubscriptionOptions::new().qos(qos(tuning.subscribe_qos)),
+                )
                 .await
                 .map(|_| ())
         }
@@ -319,7 +323,8 @@ async fn perform<B: Board>(
         } => {
             let t = MqttString::try_from(topic.as_str()).map_err(|_| Ended::Broker)?;
             let name = TopicName::new(t).ok_or(Ended::Broker)?;
-            let mut options = PublicationOptions::new(TopicReference::Name(name));
+            let mut options =
+                PublicationOptions::new(TopicReference::Name(name)).qos(qos(tuning.publish_qos));
             if *retain {
                 options = options.retain();
             }
@@ -337,7 +342,7 @@ async fn perform<B: Board>(
     };
     match result {
         Ok(()) => Ok(true),
-        Err(MqttError::SessionBuffer) => Ok(false),
+        Err(MqttError::SessionBuffer | MqttError::SendQuotaExceeded) => Ok(false),
         Err(e) => Err(mqtt_err(e)),
     }
 }

@@ -136,6 +136,7 @@ fn main() {
         issued_at: EPOCH_S,
         expires_at: EPOCH_S + 30 * 24 * 3600,
         modules,
+        health: None,
     };
     image.named(
         "deploy-1",

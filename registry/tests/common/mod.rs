@@ -89,6 +89,8 @@ pub fn pg_mosquitto_config(dir: &std::path::Path, pg: &PgSchema) -> Config {
     c.broker = Some(MOSQUITTO.to_string());
     c.database = Some(pg.url.clone());
     c.chunk_size = 64;
+    // The machine's Mosquitto outlives the test: its ingest session should not.
+    c.ingest_session_expiry = std::time::Duration::from_secs(60);
     c
 }
 

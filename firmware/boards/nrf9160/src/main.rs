@@ -189,12 +189,7 @@ async fn main(spawner: Spawner) {
     };
 
     let flash = FlashRegion::new(Nvmc::new(p.NVMC), STORE_ADDR, STORE_SIZE);
-    let tuning = Tuning {
-        slots: 2,
-        chunk_window: 2,
-        turn_interval_ms: 1000,
-        status_interval_ms: 15 * 60 * 1000,
-    };
+    let tuning = Tuning::NRF9160;
     let config = wpm_firmware_app::config(&record, tuning);
     let limits = wpm_device_pm::Limits {
         bank_size: 64 * 1024,
@@ -207,7 +202,7 @@ async fn main(spawner: Spawner) {
         // A store that cannot even be formatted is a hardware fault: reset and retry.
         Err(_) => cortex_m::peripheral::SCB::sys_reset(),
     };
-    wpm_firmware_app::run(stack, &board, &record, device).await
+    wpm_firmware_app::run(stack, &board, &record, &tuning, device).await
 }
 
 /// FNV-1a of the device id.

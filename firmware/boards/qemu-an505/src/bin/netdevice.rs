@@ -229,11 +229,10 @@ async fn main(spawner: Spawner) {
     // SAFETY: the only RamNorFlash of the store region in this program.
     let mut flash = unsafe { RamNorFlash::store_region() };
     flash.erase_all();
+    // The field profile, with a status every minute so the test sees it soon.
     let tuning = Tuning {
-        slots: 3,
-        chunk_window: 4,
-        turn_interval_ms: 1000,
         status_interval_ms: 60 * 1000,
+        ..Tuning::NRF9160
     };
     let config = wpm_firmware_app::config(&record, tuning);
     // The nRF9160's limits (boards/nrf9160): what runs here fits there.
@@ -249,5 +248,5 @@ async fn main(spawner: Spawner) {
             board::exit(false)
         }
     };
-    wpm_firmware_app::run(stack, &board, &record, device).await
+    wpm_firmware_app::run(stack, &board, &record, &tuning, device).await
 }

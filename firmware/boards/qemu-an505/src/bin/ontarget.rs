@@ -21,7 +21,7 @@ use alloc::string::{String, ToString};
 use alloc::vec;
 use alloc::vec::Vec;
 use cortex_m_rt::entry;
-use wpm_device_pm::{Config, Device, Input, Limits, Output};
+use wpm_device_pm::{Config, Device, Input, Limits, Output, Tuning};
 use wpm_manifests::{Deployment, Event, EventKind, ModuleState, Target, Topic, TrustedKeys};
 use wpm_provisioning::Record;
 use wpm_qemu_an505::{self as board, hprintln, Messages, RamNorFlash};
@@ -304,10 +304,12 @@ fn scenario(c: &mut Checks) -> Vec<Row> {
         device_id: record.device_id.clone(),
         groups: record.groups.clone(),
         trusted_keys: record.trusted_keys(),
-        slots: 3,
-        chunk_window: 4,
-        turn_interval_ms: TURN_MS,
-        status_interval_ms: 60_000,
+        tuning: Tuning {
+            slots: 3,
+            turn_interval_ms: TURN_MS,
+            status_interval_ms: 60_000,
+            ..Tuning::NRF9160
+        },
     };
     // SAFETY: the only RamNorFlash of the store region in this program.
     let mut flash = unsafe { RamNorFlash::store_region() };

@@ -1,0 +1,250 @@
+//! The registry's embedded MQTT broker: [rmqtt] configured for a wpm fleet.
+//!
+//! rmqtt was chosen over rumqttd by measurement (see `docs/broker.md`): it serves MQTT
+//! 3.1.1 and 5, keeps retained messages in a topic trie (a subscribe looks up only the
+//! topics it matches), serves MQTT 5 shared subscriptions, and lets the embedding program
+//! decide authentication and topic access in its own hooks.
+//!
+//! The broker runs on a tokio runtime of its own, on its own threads: its load never
+//! starves the registry's tasks, and [`Broker::stop`] drops the runtime, which closes
+//! every listener and every client connection, so a registry can stop and start again
+//! in one process.
+//!
+//! Two listeners:
+//!
+//! * the **device listener** (the address devices are given): small per-session queues,
+//!   because a device subscribes to a handful of retained topics at a time;
+//! * the **registry listener** on loopback: deep queues, a wide in-flight window and no
+//!   message expiry, because the registry's ingest session is persistent and must receive
+//!   everything devices sent while it was restarting or while its database was slow.
+
+mod stats;
+
+pub use stats::{BrokerStats, DropReason};
+
+use anyhow::Context as _;
+use rmqtt::context::ServerContext;
+use rmqtt::hook::Type;
+use rmqtt::net::Builder;
+use rmqtt::server::MqttServer;
+use std::net::SocketAddr;
+use std::num::NonZeroU16;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How the broker is set up.
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    /// Where devices connect (port 0: any free port).
+    pub listen: SocketAddr,
+    /// Largest MQTT packet accepted or sent: a module chunk or manifest plus headers.
+    pub max_packet_size: u32,
+    /// Messages the broker sends a registry client before it must acknowledge them
+    /// (MQTT 5 receive maximum, upper bound).
+    pub registry_inflight: u16,
+    /// Messages queued for one registry session beyond the in-flight window, while it is
+    /// disconnected or slow. Beyond this the broker drops, and counts it.
+    pub registry_queue: usize,
+    /// How long the broker keeps a disconnected registry session and its queue.
+    pub registry_session_expiry: Duration,
+}
+
+impl BrokerConfig {
+    pub fn new(listen: SocketAddr, max_packet_size: u32) -> Self {
+        Self {
+            listen,
+            max_packet_size,
+            registry_inflight: 4096,
+            // Ten thousand devices reporting an install (some ten messages each) twice.
+            registry_queue: 200_000,
+            registry_session_expiry: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// A running embedded broker. Dropping it without [`Broker::stop`] leaves it running
+/// until the process exits.
+pub struct Broker {
+    addr: SocketAddr,
+    registry_addr: SocketAddr,
+    stats: Arc<BrokerStats>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Broker {
+    /// Binds both listeners and starts serving; returns once both accept connections.
+    ///
+    /// # Errors
+    ///
+    /// The device address is in use or cannot be bound, or the broker's runtime cannot
+    /// be created.
+    pub fn start(config: BrokerConfig) -> anyhow::Result<Broker> {
+        // Bind here, not in the broker's thread: a port in use (say, by a system
+        // Mosquitto) is then a clear startup error, not a registry talking to some
+        // other broker.
+        let devices = std::net::TcpListener::bind(config.listen).with_context(|| {
+            format!(
+                "embedded MQTT broker cannot listen on {} (port in use? pass --mqtt-listen or --broker)",
+                config.listen
+            )
+        })?;
+        let registry = std::net::TcpListener::bind(("127.0.0.1", 0))
+            .context("embedded MQTT broker: registry listener")?;
+        let addr = connectable(devices.local_addr()?);
+        let registry_addr = registry.local_addr()?;
+        // rmqtt binds by address (with SO_REUSEADDR); release ours just before it does.
+        drop((devices, registry));
+
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("wpm-broker")
+            .enable_all()
+            .build()
+            .context("embedded MQTT broker: runtime")?;
+        let stats = Arc::new(BrokerStats::default());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+        let thread_stats = stats.clone();
+        let listen = config.listen;
+        let thread = std::thread::Builder::new()
+            .name("wpm-broker-main".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let server = match build(&config, listen, registry_addr, thread_stats).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    tokio::select! {
+                        r = server.run() => {
+                            if let Err(e) = r {
+                                tracing::error!(error = %e, "embedded MQTT broker stopped");
+                            }
+                        }
+                        _ = stop_rx => {}
+                    }
+                });
+                // Dropping the runtime cancels every connection task: clients see the
+                // broker go away, as they would if it were a separate process.
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            })?;
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("embedded MQTT broker did not start within 10 s")??;
+        wait_accepting(addr)?;
+        wait_accepting(registry_addr)?;
+        tracing::info!(%addr, %registry_addr, "embedded MQTT broker listening");
+        Ok(Broker {
+            addr,
+            registry_addr,
+            stats,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Where devices (and anyone else) connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The loopback listener for the registry's own clients.
+    pub fn registry_addr(&self) -> SocketAddr {
+        self.registry_addr
+    }
+
+    /// Messages in, out and dropped since start.
+    pub fn stats(&self) -> Arc<BrokerStats> {
+        self.stats.clone()
+    }
+
+    /// Closes every listener and connection and waits for the broker's threads to end.
+    pub fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn build(
+    config: &BrokerConfig,
+    listen: SocketAddr,
+    registry_addr: SocketAddr,
+    stats: Arc<BrokerStats>,
+) -> anyhow::Result<MqttServer> {
+    let scx = ServerContext::new().build().await;
+    rmqtt_retainer::register(&scx, true, false)
+        .await
+        .map_err(|e| anyhow::anyhow!("retained message store: {e}"))?;
+    let register = scx.extends.hook_mgr().register();
+    for typ in [
+        Type::MessagePublish,
+        Type::MessageDelivered,
+        Type::MessageDropped,
+    ] {
+        register
+            .add(typ, Box::new(stats::Counting(stats.clone())))
+            .await;
+    }
+    register.start().await;
+
+    let devices = Builder::new()
+        .name("devices")
+        .laddr(listen)
+        .nodelay(true)
+        .max_packet_size(config.max_packet_size)
+        // A device has at most a chunk window of retained topics outstanding.
+        .max_inflight(NonZeroU16::new(64).expect("non-zero"))
+        .max_mqueue_len(1_000)
+        .bind()
+        .map_err(|e| anyhow::anyhow!("device listener on {listen}: {e}"))?
+        .tcp()
+        .map_err(|e| anyhow::anyhow!("device listener on {listen}: {e}"))?;
+    let registry = Builder::new()
+        .name("registry")
+        .laddr(registry_addr)
+        .nodelay(true)
+        .max_packet_size(config.max_packet_size)
+        .max_inflight(NonZeroU16::new(config.registry_inflight.max(1)).expect("non-zero"))
+        .max_mqueue_len(config.registry_queue)
+        .session_expiry_interval(config.registry_session_expiry)
+        .max_session_expiry_interval(config.registry_session_expiry)
+        // rmqtt expires queued messages after 5 minutes by default: a registry restart
+        // or a slow database must not cost device reports.
+        .message_expiry_interval(config.registry_session_expiry)
+        .bind()
+        .map_err(|e| anyhow::anyhow!("registry listener on {registry_addr}: {e}"))?
+        .tcp()
+        .map_err(|e| anyhow::anyhow!("registry listener on {registry_addr}: {e}"))?;
+    Ok(MqttServer::new(scx)
+        .listener(devices)
+        .listener(registry)
+        .build())
+}
+
+/// The address to connect to when listening on an unspecified one.
+fn connectable(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    }
+}
+
+fn wait_accepting(addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "embedded MQTT broker did not accept connections on {addr} within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}

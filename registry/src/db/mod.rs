@@ -1,0 +1,178 @@
+//! The database: SQLite by default, PostgreSQL when given a postgres:// URL.
+//!
+//! Everything goes through sqlx's `AnyPool` with portable SQL. Placeholders are `$1`,
+//! `$2`, ... and always appear in increasing order in the text: SQLite treats `$N` as a
+//! named parameter numbered by first appearance, PostgreSQL by its digits, and keeping
+//! them in order makes both agree.
+//!
+//! Writes that concern many rows (a batch of device reports, a rollout stage) are
+//! set-based: one multi-row statement per [`ROWS_PER_STATEMENT`] rows, never one
+//! statement per device, so the registry's cost per device stays flat as the fleet grows.
+//!
+//! One file per resource: [`modules`], [`deployments`], [`devices`] (reports and fleet
+//! views), [`rollouts`].
+
+mod deployments;
+mod devices;
+mod modules;
+mod rollouts;
+
+pub use deployments::{DeploymentRow, DesiredChange};
+pub use devices::{
+    DeviceModule, DeviceView, EventView, EventWrite, FleetFilter, FleetSummary, PresenceWrite,
+    StatusWrite, VersionCount,
+};
+pub use modules::{InsertOutcome, ModuleRow};
+
+use anyhow::Context as _;
+use sqlx::any::AnyPoolOptions;
+use sqlx::AnyPool;
+use wpm_manifests::Target;
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Unix milliseconds now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[derive(Clone)]
+pub struct Db {
+    pub pool: AnyPool,
+}
+
+/// How a target is stored: kind and name (empty for the fleet).
+pub fn target_columns(t: &Target) -> (&'static str, &str) {
+    match t {
+        Target::Fleet => ("fleet", ""),
+        Target::Group(g) => ("group", g),
+        Target::Device(d) => ("device", d),
+    }
+}
+
+pub fn target_from_columns(kind: &str, name: &str) -> anyhow::Result<Target> {
+    Ok(match kind {
+        "fleet" => Target::Fleet,
+        "group" => Target::Group(name.to_string()),
+        "device" => Target::Device(name.to_string()),
+        other => anyhow::bail!("unknown target kind {other:?} in the database"),
+    })
+}
+
+fn digest(bytes: Vec<u8>) -> anyhow::Result<[u8; 32]> {
+    bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("stored sha256 is not 32 bytes"))
+}
+/// Rows per multi-row statement: 12 columns × 200 stays far below SQLite's and
+/// PostgreSQL's parameter limits.
+const ROWS_PER_STATEMENT: usize = 200;
+
+/// `($first, …), (…), …`: `rows` groups of `columns` numbered placeholders, in order.
+fn placeholders(rows: usize, columns: usize, first: usize) -> String {
+    (0..rows)
+        .map(|r| {
+            let cols = (0..columns)
+                .map(|c| format!("${}", first + r * columns + c))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!("({cols})")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `$first, …, $(first + n - 1)`: a list for `IN (…)`.
+fn list(n: usize, first: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Db {
+    /// Connects and runs the migrations for the URL's database.
+    pub async fn connect(url: &str) -> anyhow::Result<Db> {
+        sqlx::any::install_default_drivers();
+        let is_sqlite = url.starts_with("sqlite:");
+        let is_pg = url.starts_with("postgres:") || url.starts_with("postgresql:");
+        anyhow::ensure!(
+            is_sqlite || is_pg,
+            "unsupported database URL {url:?}: use sqlite://path or postgres://..."
+        );
+        let url = if is_sqlite && !url.contains("mode=") {
+            // Create the file on first start.
+            let sep = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{sep}mode=rwc")
+        } else {
+            url.to_string()
+        };
+        let pool = AnyPoolOptions::new()
+            // SQLite serialises writers anyway; a small pool avoids lock contention.
+            .max_connections(if is_sqlite { 4 } else { 16 })
+            .connect(&url)
+            .await
+            .with_context(|| format!("connecting to the database {}", redact(&url)))?;
+        if is_sqlite {
+            // WAL lets the HTTP API read while the ingest writes; it persists in the file.
+            sqlx::query("PRAGMA journal_mode=WAL")
+                .execute(&pool)
+                .await
+                .context("enabling WAL")?;
+            SQLITE_MIGRATIONS.run(&pool).await.context("migrations")?;
+        } else {
+            POSTGRES_MIGRATIONS.run(&pool).await.context("migrations")?;
+        }
+        Ok(Db { pool })
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Whether the database answers at all (a failed write may be the data's fault).
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+/// A database URL with any password replaced, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbered_placeholders_in_order() {
+        assert_eq!(placeholders(2, 3, 1), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(placeholders(1, 2, 5), "($5, $6)");
+        assert_eq!(list(3, 2), "$2, $3, $4");
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db".to_string()
+        );
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("sqlite:///x.db"), "sqlite:///x.db");
+    }
+}
