@@ -8,6 +8,9 @@ CREATE TABLE device_groups (
     PRIMARY KEY (device, group_name)
 );
 CREATE INDEX device_groups_by_group ON device_groups (group_name, device);
+-- A digest of the groups and modules a device last reported: a status that repeats them
+-- (the periodic republish, most statuses) does not rewrite its rows.
+ALTER TABLE devices ADD COLUMN rows_digest BLOB;
 INSERT INTO device_groups (device, group_name)
     SELECT devices.id, g.value FROM devices, json_each(devices.groups_json) g;
 

@@ -100,7 +100,7 @@ impl Db {
         seal: impl FnOnce(u64, &[ModuleRow]) -> (Vec<u8>, i64),
     ) -> anyhow::Result<(DeploymentRow, Vec<ModuleRow>)> {
         let (kind, name) = target_columns(target);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let sequence = take_sequences(&mut tx, 1).await?;
         if matches!(change, DesiredChange::Replace(_)) {
             sqlx::query("DELETE FROM desired_modules WHERE target_kind = $1 AND target_name = $2")
@@ -146,7 +146,8 @@ impl Db {
             expires_at,
             health,
         };
-        insert_deployments(&mut tx, std::slice::from_ref(&row)).await?;
+        self.insert_deployments(&mut tx, std::slice::from_ref(&row))
+            .await?;
         tx.commit().await?;
         Ok((row, desired))
     }
@@ -164,7 +165,7 @@ impl Db {
         if devices.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let first = take_sequences(&mut tx, devices.len()).await?;
         let created_at = now_ms();
         let rows: Vec<DeploymentRow> = devices
@@ -188,7 +189,7 @@ impl Db {
                 "DELETE FROM desired_modules WHERE target_kind = 'device' AND target_name IN ({})",
                 list(ids.len(), 1)
             );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
+            let mut q = self.statement(sql);
             for id in ids {
                 q = q.bind(id);
             }
@@ -204,13 +205,13 @@ impl Db {
                  VALUES {}",
                 placeholders(chunk.len(), 4, 1)
             );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
+            let mut q = self.statement(sql);
             for (d, m) in chunk {
                 q = q.bind("device").bind(*d).bind(&m.name).bind(&m.version);
             }
             q.execute(&mut *tx).await?;
         }
-        insert_deployments(&mut tx, &rows).await?;
+        self.insert_deployments(&mut tx, &rows).await?;
         tx.commit().await?;
         Ok(rows)
     }
@@ -289,29 +290,32 @@ impl Db {
     }
 }
 
-async fn insert_deployments(
-    tx: &mut sqlx::AnyConnection,
-    rows: &[DeploymentRow],
-) -> anyhow::Result<()> {
-    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT INTO deployments ({DEPLOYMENT_COLUMNS}) VALUES {}",
-            placeholders(chunk.len(), 8, 1)
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for r in chunk {
-            let (kind, name) = target_columns(&r.target);
-            q = q
-                .bind(i64::try_from(r.sequence)?)
-                .bind(kind)
-                .bind(name.to_string())
-                .bind(r.sealed.clone())
-                .bind(r.created_at)
-                .bind(r.expires_at)
-                .bind(r.health.map(|h| i64::from(h.turns)))
-                .bind(r.health.map(|h| i64::from(h.seconds)));
+impl Db {
+    async fn insert_deployments(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        rows: &[DeploymentRow],
+    ) -> anyhow::Result<()> {
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO deployments ({DEPLOYMENT_COLUMNS}) VALUES {}",
+                placeholders(chunk.len(), 8, 1)
+            );
+            let mut q = self.statement(sql);
+            for r in chunk {
+                let (kind, name) = target_columns(&r.target);
+                q = q
+                    .bind(i64::try_from(r.sequence)?)
+                    .bind(kind)
+                    .bind(name.to_string())
+                    .bind(r.sealed.clone())
+                    .bind(r.created_at)
+                    .bind(r.expires_at)
+                    .bind(r.health.map(|h| i64::from(h.turns)))
+                    .bind(r.health.map(|h| i64::from(h.seconds)));
+            }
+            q.execute(&mut *tx).await?;
         }
-        q.execute(&mut *tx).await?;
+        Ok(())
     }
-    Ok(())
 }

@@ -3,7 +3,7 @@
 
 use super::{list, placeholders, Db, ROWS_PER_STATEMENT};
 use sqlx::any::AnyRow;
-use sqlx::{AssertSqlSafe, Row as _};
+use sqlx::Row as _;
 
 /// One device's status, as the ingest hands it over.
 pub struct StatusWrite {
@@ -15,6 +15,9 @@ pub struct StatusWrite {
     pub flash_free: i64,
     pub ram_free: i64,
     pub last_error: Option<String>,
+    /// Digest of `groups` and `modules`: when it matches the stored one, their rows
+    /// stay as they are.
+    pub rows_digest: Vec<u8>,
     pub status: Vec<u8>,
     pub status_at: i64,
     /// Registry clock when received live; for a retained replay the device's own clock,
@@ -162,23 +165,39 @@ impl Db {
         seen: &[&String],
         seen_at: i64,
     ) -> anyhow::Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         for chunk in statuses.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
+                "SELECT id, rows_digest FROM devices WHERE id IN ({})",
+                list(chunk.len(), 1)
+            );
+            let mut q = self.statement(sql);
+            for s in chunk {
+                q = q.bind(&s.device);
+            }
+            let stored: std::collections::HashMap<String, Option<Vec<u8>>> = q
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|r| Ok((r.try_get("id")?, r.try_get("rows_digest")?)))
+                .collect::<anyhow::Result<_>>()?;
+            let sql = format!(
                 "INSERT INTO devices (id, groups_json, online, last_seen, sequence, slots_used, \
-                 slots_total, flash_free, ram_free, last_error, status, status_at) VALUES {} \
+                 slots_total, flash_free, ram_free, last_error, rows_digest, status, status_at) \
+                 VALUES {} \
                  ON CONFLICT (id) DO UPDATE SET groups_json = excluded.groups_json, \
                  last_seen = CASE WHEN excluded.last_seen > devices.last_seen \
                    THEN excluded.last_seen ELSE devices.last_seen END, \
                  sequence = excluded.sequence, slots_used = excluded.slots_used, \
                  slots_total = excluded.slots_total, flash_free = excluded.flash_free, \
                  ram_free = excluded.ram_free, last_error = excluded.last_error, \
+                 rows_digest = excluded.rows_digest, \
                  status = excluded.status, status_at = excluded.status_at \
                  WHERE devices.status_at IS NULL OR devices.status_at <= excluded.status_at \
                  RETURNING id",
-                placeholders(chunk.len(), 12, 1)
+                placeholders(chunk.len(), 13, 1)
             );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
+            let mut q = self.statement(sql);
             for s in chunk {
                 q = q
                     .bind(&s.device)
@@ -191,6 +210,7 @@ impl Db {
                     .bind(s.flash_free)
                     .bind(s.ram_free)
                     .bind(&s.last_error)
+                    .bind(s.rows_digest.clone())
                     .bind(s.status.clone())
                     .bind(s.status_at);
             }
@@ -200,12 +220,14 @@ impl Db {
                 .iter()
                 .map(|r| r.try_get("id"))
                 .collect::<Result<_, _>>()?;
+            // Stored, and with other groups or modules than before.
             let changed: Vec<&StatusWrite> = chunk
                 .iter()
                 .filter(|s| changed.contains(&s.device))
+                .filter(|s| stored.get(&s.device) != Some(&Some(s.rows_digest.clone())))
                 .copied()
                 .collect();
-            replace_device_rows(&mut tx, &changed).await?;
+            self.replace_device_rows(&mut tx, &changed).await?;
         }
         for chunk in presences.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
@@ -216,7 +238,7 @@ impl Db {
                    THEN excluded.last_seen ELSE devices.last_seen END",
                 placeholders(chunk.len(), 9, 1)
             );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
+            let mut q = self.statement(sql);
             for p in chunk {
                 q = q
                     .bind(&p.device)
@@ -237,7 +259,7 @@ impl Db {
                  received_at) VALUES {}",
                 placeholders(chunk.len(), 8, 1)
             );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
+            let mut q = self.statement(sql);
             for e in chunk {
                 q = q
                     .bind(&e.device)
@@ -256,7 +278,7 @@ impl Db {
                 "UPDATE devices SET last_seen = $1 WHERE last_seen < $2 AND id IN ({})",
                 list(ids.len(), 3)
             );
-            let mut q = sqlx::query(AssertSqlSafe(sql)).bind(seen_at).bind(seen_at);
+            let mut q = self.statement(sql).bind(seen_at).bind(seen_at);
             for id in ids {
                 q = q.bind(*id);
             }
@@ -274,7 +296,7 @@ impl Db {
              CAST(COALESCE(SUM(CASE WHEN {FAILING} THEN 1 ELSE 0 END), 0) AS BIGINT) AS failing \
              FROM devices d {filter_sql}"
         );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
+        let mut q = self.statement(sql);
         for b in &binds {
             q = q.bind(b);
         }
@@ -285,7 +307,7 @@ impl Db {
              FROM device_modules m JOIN devices d ON d.id = m.device {filter_sql} \
              GROUP BY m.name, m.version ORDER BY m.name, m.version"
         );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
+        let mut q = self.statement(sql);
         for b in &binds {
             q = q.bind(b);
         }
@@ -317,7 +339,7 @@ impl Db {
             "SELECT id, groups_json, online, last_seen, sequence, slots_used, slots_total, \
              flash_free, ram_free, last_error FROM devices d {filter_sql} ORDER BY id"
         );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
+        let mut q = self.statement(sql);
         for b in &binds {
             q = q.bind(b);
         }
@@ -347,7 +369,7 @@ impl Db {
              WHERE device IN (SELECT d.id FROM devices d {filter_sql}) \
              ORDER BY device, name, version"
         );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
+        let mut q = self.statement(sql);
         for b in &binds {
             q = q.bind(b);
         }
@@ -392,68 +414,71 @@ impl Db {
     }
 }
 
-/// Replaces the module and group rows of devices whose status was just stored.
-async fn replace_device_rows(
-    tx: &mut sqlx::AnyConnection,
-    statuses: &[&StatusWrite],
-) -> anyhow::Result<()> {
-    if statuses.is_empty() {
-        return Ok(());
-    }
-    for table in ["device_modules", "device_groups"] {
-        let sql = format!(
-            "DELETE FROM {table} WHERE device IN ({})",
-            list(statuses.len(), 1)
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for s in statuses {
-            q = q.bind(&s.device);
+impl Db {
+    /// Replaces the module and group rows of devices whose status was just stored.
+    async fn replace_device_rows(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        statuses: &[&StatusWrite],
+    ) -> anyhow::Result<()> {
+        if statuses.is_empty() {
+            return Ok(());
         }
-        q.execute(&mut *tx).await?;
-    }
-    let mut modules: Vec<(&str, &DeviceModule)> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for s in statuses {
-        for m in &s.modules {
-            // The key of the table; a device listing one version twice is stored once.
-            if seen.insert((&s.device, &m.name, &m.version)) {
-                modules.push((&s.device, m));
+        for table in ["device_modules", "device_groups"] {
+            let sql = format!(
+                "DELETE FROM {table} WHERE device IN ({})",
+                list(statuses.len(), 1)
+            );
+            let mut q = self.statement(sql);
+            for s in statuses {
+                q = q.bind(&s.device);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        let mut modules: Vec<(&str, &DeviceModule)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for s in statuses {
+            for m in &s.modules {
+                // The key of the table; a device listing one version twice is stored once.
+                if seen.insert((&s.device, &m.name, &m.version)) {
+                    modules.push((&s.device, m));
+                }
             }
         }
-    }
-    for chunk in modules.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT INTO device_modules (device, name, version, sha256, state, last_error) \
+        for chunk in modules.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO device_modules (device, name, version, sha256, state, last_error) \
              VALUES {}",
-            placeholders(chunk.len(), 6, 1)
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for (d, m) in chunk {
-            q = q
-                .bind(*d)
-                .bind(&m.name)
-                .bind(&m.version)
-                .bind(m.sha256.clone())
-                .bind(&m.state)
-                .bind(&m.last_error);
+                placeholders(chunk.len(), 6, 1)
+            );
+            let mut q = self.statement(sql);
+            for (d, m) in chunk {
+                q = q
+                    .bind(*d)
+                    .bind(&m.name)
+                    .bind(&m.version)
+                    .bind(m.sha256.clone())
+                    .bind(&m.state)
+                    .bind(&m.last_error);
+            }
+            q.execute(&mut *tx).await?;
         }
-        q.execute(&mut *tx).await?;
-    }
-    let groups: std::collections::BTreeSet<(&str, &str)> = statuses
-        .iter()
-        .flat_map(|s| s.groups.iter().map(|g| (s.device.as_str(), g.as_str())))
-        .collect();
-    let groups: Vec<_> = groups.into_iter().collect();
-    for chunk in groups.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT INTO device_groups (device, group_name) VALUES {}",
-            placeholders(chunk.len(), 2, 1)
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for (d, g) in chunk {
-            q = q.bind(*d).bind(*g);
+        let groups: std::collections::BTreeSet<(&str, &str)> = statuses
+            .iter()
+            .flat_map(|s| s.groups.iter().map(|g| (s.device.as_str(), g.as_str())))
+            .collect();
+        let groups: Vec<_> = groups.into_iter().collect();
+        for chunk in groups.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO device_groups (device, group_name) VALUES {}",
+                placeholders(chunk.len(), 2, 1)
+            );
+            let mut q = self.statement(sql);
+            for (d, g) in chunk {
+                q = q.bind(*d).bind(*g);
+            }
+            q.execute(&mut *tx).await?;
         }
-        q.execute(&mut *tx).await?;
+        Ok(())
     }
-    Ok(())
 }

@@ -43,6 +43,7 @@ pub fn now_ms() -> i64 {
 #[derive(Clone)]
 pub struct Db {
     pub pool: AnyPool,
+    sqlite: bool,
 }
 
 /// How a target is stored: kind and name (empty for the fleet).
@@ -86,6 +87,30 @@ fn placeholders(rows: usize, columns: usize, first: usize) -> String {
         .join(", ")
 }
 
+/// `sql` with its `$1, $2, …` placeholders turned into anonymous `?`s, if they appear in
+/// exactly that order, each once; else `None`.
+fn positional(sql: &str) -> Option<String> {
+    let mut out = String::with_capacity(sql.len());
+    let mut next = 1u32;
+    let mut rest = sql;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let digits = rest[at + 1..]
+            .bytes()
+            .take_while(u8::is_ascii_digit)
+            .count();
+        let n: u32 = rest[at + 1..at + 1 + digits].parse().ok()?;
+        if n != next {
+            return None;
+        }
+        next += 1;
+        out.push('?');
+        rest = &rest[at + 1 + digits..];
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
 /// `$first, …, $(first + n - 1)`: a list for `IN (…)`.
 fn list(n: usize, first: usize) -> String {
     (first..first + n)
@@ -127,7 +152,36 @@ impl Db {
         } else {
             POSTGRES_MIGRATIONS.run(&pool).await.context("migrations")?;
         }
-        Ok(Db { pool })
+        Ok(Db {
+            pool,
+            sqlite: is_sqlite,
+        })
+    }
+
+    /// A statement with many placeholders (a multi-row insert, an `IN` list). On SQLite
+    /// its `$N` become anonymous `?`: binding a named parameter costs a scan of all the
+    /// statement's parameter names, which made a 200-row upsert quadratic.
+    fn statement(
+        &self,
+        sql: String,
+    ) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
+        let sql = match self.sqlite.then(|| positional(&sql)).flatten() {
+            Some(p) => p,
+            None => sql,
+        };
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+    }
+
+    /// Begins a transaction that will write. On SQLite it takes the write lock at once
+    /// (`BEGIN IMMEDIATE`): a transaction that reads first and writes later fails with
+    /// SQLITE_BUSY_SNAPSHOT when another writer committed in between, which no busy
+    /// timeout can wait out.
+    pub async fn begin_write(&self) -> anyhow::Result<sqlx::Transaction<'static, sqlx::Any>> {
+        Ok(if self.sqlite {
+            self.pool.begin_with("BEGIN IMMEDIATE").await?
+        } else {
+            self.pool.begin().await?
+        })
     }
 
     pub async fn close(&self) {
@@ -164,6 +218,18 @@ mod tests {
         assert_eq!(placeholders(2, 3, 1), "($1, $2, $3), ($4, $5, $6)");
         assert_eq!(placeholders(1, 2, 5), "($5, $6)");
         assert_eq!(list(3, 2), "$2, $3, $4");
+    }
+
+    #[test]
+    fn placeholders_in_order_become_anonymous() {
+        assert_eq!(
+            positional("INSERT INTO t VALUES ($1, $2), ($3, $4)").as_deref(),
+            Some("INSERT INTO t VALUES (?, ?), (?, ?)")
+        );
+        // Reused or out of order: left as they are.
+        assert_eq!(positional("SELECT $1 WHERE a = $1"), None);
+        assert_eq!(positional("SELECT $2, $1"), None);
+        assert_eq!(positional("SELECT 1").as_deref(), Some("SELECT 1"));
     }
 
     #[test]

@@ -54,7 +54,7 @@ impl Db {
         new: &NewRollout,
         previous_version: Option<&str>,
     ) -> anyhow::Result<Result<Rollout, String>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         // The counter row lock serialises concurrent creations (also across replicas on
         // PostgreSQL), so the check below cannot race with another insert.
         let id: i64 =
@@ -291,7 +291,7 @@ impl Db {
                  assigned_at, updated_at) VALUES {} ON CONFLICT (rollout_id, device) DO NOTHING",
                 placeholders(chunk.len(), 7, 1)
             );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
+            let mut q = self.statement(sql);
             for (device, sequence) in chunk {
                 q = q
                     .bind(id)

@@ -122,6 +122,10 @@ pub fn decode_message(m: &Raw, now: i64) -> Result<Decoded, Refused> {
                 flash_free: s.flash_free.into(),
                 ram_free: s.ram_free.into(),
                 last_error: s.last_error.clone(),
+                rows_digest: wpm_manifests::sha256(&wpm_manifests::encode(&(
+                    &s.groups, &s.modules,
+                )))[..16]
+                    .to_vec(),
                 status: m.payload.to_vec(),
                 status_at: at,
                 seen_at: if m.retained { at } else { now },

@@ -18,16 +18,15 @@
 //! acknowledged: they will not get better by being delivered again.
 
 mod decode;
+mod writer;
 
 pub use decode::{event_detail, Refusal};
 
-use crate::db::{self, Db};
+use crate::db::Db;
 use crate::publish::{wait_connected, MqttSettings};
-use decode::{decode_message, Decoded, Raw};
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, RetainForwardRule};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop};
-use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -144,7 +143,7 @@ impl Ingest {
             stats.clone(),
             stop,
         ));
-        let writer_task = tokio::spawn(writer(db, client.clone(), rx, stats, written));
+        let writer_task = tokio::spawn(writer::run(db, client.clone(), rx, stats, written));
         wait_connected(subscribed_rx, "ingest", Duration::from_secs(10)).await?;
         Ok(Ingest {
             client,
@@ -224,142 +223,6 @@ async fn connection(
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
             }
-        }
-    }
-}
-
-/// Batches, writes and acknowledges; notifies `written` after every batch (the rollout
-/// controller judges devices by what was just written).
-async fn writer(
-    db: Db,
-    client: AsyncClient,
-    mut rx: mpsc::Receiver<Publish>,
-    stats: Arc<IngestStats>,
-    written: Arc<Notify>,
-) {
-    let mut batch = Vec::with_capacity(BATCH_MAX);
-    loop {
-        let Some(first) = rx.recv().await else { break };
-        batch.push(first);
-        let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
-        while batch.len() < BATCH_MAX {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(m)) => batch.push(m),
-                Ok(None) | Err(_) => break,
-            }
-        }
-        let publishes = std::mem::take(&mut batch);
-        write(&db, &stats, &publishes).await;
-        written.notify_one();
-        for p in &publishes {
-            // Only fails when the connection is gone; the broker then delivers the
-            // message again on the next connection.
-            let _ = client.ack(p).await;
-        }
-    }
-}
-
-/// One batch's writes, newest status and presence per device only.
-#[derive(Default)]
-struct Batch {
-    statuses: HashMap<String, db::StatusWrite>,
-    presences: HashMap<String, db::PresenceWrite>,
-    events: Vec<db::EventWrite>,
-    seen: HashSet<String>,
-    messages: u64,
-}
-
-impl Batch {
-    fn add(&mut self, d: Decoded) {
-        self.messages += 1;
-        match d {
-            Decoded::Status(s) => {
-                let newer = self
-                    .statuses
-                    .get(&s.device)
-                    .is_none_or(|old| old.status_at <= s.status_at);
-                if newer {
-                    self.statuses.insert(s.device.clone(), s);
-                }
-            }
-            Decoded::Presence(p) => {
-                self.presences.insert(p.device.clone(), p);
-            }
-            Decoded::Event(e) => {
-                self.seen.insert(e.device.clone());
-                self.events.push(e)
-            }
-            Decoded::Seen(device) => {
-                self.seen.insert(device);
-            }
-            Decoded::Ignored => {}
-        }
-    }
-
-    async fn commit(&self, db: &Db, now: i64) -> anyhow::Result<()> {
-        let statuses: Vec<_> = self.statuses.values().collect();
-        let presences: Vec<_> = self.presences.values().collect();
-        let seen: Vec<_> = self.seen.iter().collect();
-        db.write_batch(&statuses, &presences, &self.events, &seen, now)
-            .await
-    }
-}
-
-/// Writes a batch, retrying until the database takes it. While the database is
-/// unreachable the writer waits (the broker holds everything unacknowledged); when it is
-/// reachable but refuses the batch, the messages are written one by one and any the
-/// database still refuses is counted as [`Refusal::DatabaseRefused`].
-async fn write(db: &Db, stats: &IngestStats, publishes: &[Publish]) {
-    let now = db::now_ms();
-    let mut batch = Batch::default();
-    let mut singles = Vec::new();
-    for p in publishes {
-        let raw = Raw {
-            topic: String::from_utf8_lossy(&p.topic).into_owned(),
-            payload: p.payload.to_vec(),
-            retained: p.retain,
-        };
-        match decode_message(&raw, now) {
-            Ok(d) => {
-                singles.push(raw);
-                batch.add(d);
-            }
-            Err(r) => stats.refuse(r.reason, &raw.topic, &r.detail),
-        }
-    }
-    let mut wait = Duration::from_millis(200);
-    loop {
-        match batch.commit(db, now).await {
-            Ok(()) => {
-                stats.written.fetch_add(batch.messages, Ordering::Relaxed);
-                tracing::debug!(messages = batch.messages, "ingest batch written");
-                return;
-            }
-            Err(e) => {
-                stats.write_retries.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    error = format!("{e:#}"),
-                    messages = batch.messages,
-                    "ingest batch failed"
-                );
-            }
-        }
-        if db.ping().await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_secs(5));
-    }
-    for raw in singles {
-        let mut one = Batch::default();
-        if let Ok(d) = decode_message(&raw, now) {
-            one.add(d);
-        }
-        match one.commit(db, now).await {
-            Ok(()) => {
-                stats.written.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => stats.refuse(Refusal::DatabaseRefused, &raw.topic, &format!("{e:#}")),
         }
     }
 }
