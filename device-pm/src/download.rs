@@ -16,6 +16,8 @@ use wpm_manifests::{Chunk, ModuleManifest, ModuleRef};
 pub const MAX_ATTEMPTS: u8 = 4;
 /// Wait before fetching a rejected chunk again, doubled on each further failure.
 pub const RETRY_BACKOFF_MS: u64 = 1_000;
+/// Least time between two progress reports of one download.
+pub const PROGRESS_INTERVAL_MS: u64 = 10_000;
 /// A requested chunk that has not arrived after this long is asked for again (the
 /// broker may have dropped the subscription's delivery).
 pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
@@ -33,8 +35,8 @@ pub struct Download {
     /// Chunk index → earliest time to request it again after a rejection.
     retry_at: BTreeMap<u32, u64>,
     failures: BTreeMap<u32, u8>,
-    /// Progress is reported each time another quarter is done.
-    reported_quarters: u32,
+    /// When progress was last reported (or the first chunk arrived).
+    last_report_ms: Option<u64>,
 }
 
 /// What to do about a chunk that failed its check.
@@ -55,7 +57,7 @@ impl Download {
             outstanding: BTreeMap::new(),
             retry_at: BTreeMap::new(),
             failures: BTreeMap::new(),
-            reported_quarters: 0,
+            last_report_ms: None,
         }
     }
 
@@ -209,13 +211,48 @@ impl Download {
         retry.chain(timeout).min()
     }
 
-    /// `Some(held)` when another quarter of the module has arrived since the last report.
-    pub fn progress_to_report(&mut self) -> Option<u32> {
-        let total = self.chunk_count().max(1);
-        let quarters = self.held() * 4 / total;
-        (quarters > self.reported_quarters).then(|| {
-            self.reported_quarters = quarters;
+    /// `Some(held)` when the download, not complete yet, has gone on for another
+    /// [`PROGRESS_INTERVAL_MS`] since the last report (or its first chunk): a download
+    /// faster than that reports no progress at all, its `Installed` event says it all,
+    /// and a slow one reports often enough to be followed, not a message per quarter.
+    pub fn progress_to_report(&mut self, now_ms: u64) -> Option<u32> {
+        let since = *self.last_report_ms.get_or_insert(now_ms);
+        (!self.is_complete() && now_ms.saturating_sub(since) >= PROGRESS_INTERVAL_MS).then(|| {
+            self.last_report_ms = Some(now_ms);
             self.held()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A module of ten chunks, one arriving every `gap_ms`: the progress reports.
+    fn reports(gap_ms: u64) -> alloc::vec::Vec<(u64, u32)> {
+        let mut module = wpm_manifests::golden::module_ref();
+        module.size = 10 * module.chunk_size;
+        let mut d = Download::new(module, 0);
+        let mut out = alloc::vec::Vec::new();
+        for i in 0..10 {
+            let now = 1_000 + u64::from(i) * gap_ms;
+            d.mark_held(i);
+            if let Some(have) = d.progress_to_report(now) {
+                out.push((now, have));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_fast_download_reports_no_progress() {
+        assert_eq!(reports(100), []);
+    }
+
+    #[test]
+    fn a_slow_download_reports_progress_every_interval_but_not_at_the_end() {
+        // A chunk every 4 s: reports at 12 s and 24 s after the first chunk; the tenth
+        // chunk completes the module (its Installed event follows), no report.
+        assert_eq!(reports(4_000), [(13_000, 4), (25_000, 7)]);
     }
 }

@@ -58,7 +58,7 @@ use wpm_manifests::{
 };
 
 pub use store::StoreError;
-pub use tuning::{Qos, Tuning};
+pub use tuning::{Qos, Tuning, PUBLISH_WINDOW};
 
 /// What the device is and how it behaves. Names must satisfy [`wpm_manifests::valid_name`].
 #[derive(Debug, Clone)]
@@ -1406,7 +1406,7 @@ impl<F: NorFlash> Device<F> {
     /// Reports progress, and commits the module or asks for more chunks.
     fn after_chunk(&mut self) {
         let Some(d) = &mut self.download else { return };
-        if let Some(have) = d.progress_to_report() {
+        if let Some(have) = d.progress_to_report(self.now_ms) {
             let kind = EventKind::DownloadProgress {
                 module: d.module.name.clone(),
                 version: d.module.version.clone(),

@@ -2,6 +2,10 @@
 //! firmware and the PC simulator both read, so that a simulated fleet speaks exactly what
 //! the real one speaks (QoS, keep-alive, chunk window, intervals, reconnect back-off).
 
+/// QoS 1 publishes a device keeps in flight (unacknowledged) at once: the firmware's MQTT
+/// client (rust-mqtt) holds that many in a fixed array, the simulator's the same.
+pub const PUBLISH_WINDOW: u16 = 16;
+
 /// MQTT quality of service, as the transports map it onto their client's own type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Qos {

@@ -58,11 +58,12 @@ fn installs_and_runs_a_module() {
     assert!(w.max_chunks_in_flight <= 2, "chunk window exceeded");
     let events = w.events();
     assert_eq!(events[0], EventKind::ManifestAccepted { sequence: 1 });
+    // A download faster than the progress interval reports no progress: air time.
     let progress = events
         .iter()
         .filter(|e| matches!(e, EventKind::DownloadProgress { .. }))
         .count();
-    assert!((1..=4).contains(&progress), "{progress} progress events");
+    assert_eq!(progress, 0, "{events:?}");
     assert!(events.contains(&EventKind::Installed {
         module: "hello".into(),
         version: "1.0.0".into()

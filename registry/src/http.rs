@@ -127,6 +127,8 @@ async fn health(State(state): State<Shared>) -> Json<Value> {
         "ok": true,
         "ingest": {
             "received": s.received.load(Ordering::Relaxed),
+            "redelivered": s.redelivered.load(Ordering::Relaxed),
+            "retained": s.retained.load(Ordering::Relaxed),
             "written": s.written.load(Ordering::Relaxed),
             "refused": refused,
             "pending": s.pending(),
@@ -713,9 +715,23 @@ async fn find_rollout(db: &Db, id: i64) -> ApiResult<rollout::Rollout> {
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no rollout {id}")))
 }
 
-async fn get_rollout(State(state): State<Shared>, Path(id): Path<i64>) -> ApiResult<Json<Value>> {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RolloutQuery {
+    /// List every device of the rollout (default); `false`: counts only, for followers
+    /// of a large rollout.
+    devices: Option<bool>,
+}
+
+async fn get_rollout(
+    State(state): State<Shared>,
+    Path(id): Path<i64>,
+    Query(q): Query<RolloutQuery>,
+) -> ApiResult<Json<Value>> {
     let r = find_rollout(&state.db, id).await?;
-    Ok(Json(rollout_json(&state.db, &r, true).await?))
+    Ok(Json(
+        rollout_json(&state.db, &r, q.devices.unwrap_or(true)).await?,
+    ))
 }
 
 /// pause, resume, rollback: a state change the controller acts on at its next pass.

@@ -143,6 +143,9 @@ impl Registry {
             // The pid lets an operator (and the replicas test) tell which process holds the lease.
             holder: format!("{replica}-pid{}", std::process::id()),
             wake: wake_controller.clone(),
+            last_pass_ms: Default::default(),
+            last_full_pass_ms: Default::default(),
+            counts: Default::default(),
         });
         let background = vec![
             tokio::spawn(deploy::republish_on_reconnect(

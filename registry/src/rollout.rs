@@ -29,7 +29,14 @@ pub const LEASE_TTL_MS: i64 = 5_000;
 pub const IDLE_PASS: Duration = Duration::from_secs(1);
 /// Passes woken by reports are at least this far apart: a burst of batches is judged
 /// together.
-pub const MIN_PASS_GAP: Duration = Duration::from_millis(50);
+pub const MIN_PASS_GAP: Duration = Duration::from_millis(200);
+/// A pass judges the devices heard from since the previous pass began, minus this: an
+/// ingest batch is stamped when it is decoded and committed a little later, maybe by
+/// another replica with its own clock.
+const REPORT_MARGIN_MS: i64 = 2_000;
+/// Every this often a pass judges every updating device, whatever the reports' stamps
+/// say: a batch whose commit was held up longer than the margin is not missed.
+const FULL_PASS_MS: i64 = 10_000;
 const LEASE: &str = "rollout-controller";
 
 /// Event kinds that fail a device's update when they name the rollout's module version.
@@ -181,7 +188,23 @@ pub struct Counts {
     pub rolled_back: usize,
 }
 
+/// Devices one judging pass moved out of `updating`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Judged {
+    pub failed: usize,
+    pub succeeded: usize,
+}
+
 impl Counts {
+    /// The counts after a judging pass.
+    pub fn apply(mut self, j: Judged) -> Counts {
+        let moved = (j.failed + j.succeeded).min(self.updating);
+        self.updating -= moved;
+        self.failed += j.failed;
+        self.succeeded += j.succeeded;
+        self
+    }
+
     /// Whether the failures so far pass the threshold (a share of the devices assigned).
     pub fn over_threshold(&self, max_failure_pct: i64) -> bool {
         self.failed > 0 && self.failed * 100 > max_failure_pct.max(0) as usize * self.assigned
@@ -237,11 +260,25 @@ pub struct Controller {
     pub holder: String,
     /// Notified by ingest after every batch of reports, and by the API after a change.
     pub wake: Arc<Notify>,
+    /// When this replica's previous pass began, while it held the lease (0: judge every
+    /// device, as after a start or a takeover).
+    pub last_pass_ms: std::sync::atomic::AtomicI64,
+    /// When it last judged every updating device.
+    pub last_full_pass_ms: std::sync::atomic::AtomicI64,
+    /// Each running rollout's counts at its current stage, kept up to date with what
+    /// each pass judged, so a pass costs what arrived and not a count of every device.
+    pub counts: std::sync::Mutex<std::collections::HashMap<i64, (usize, Counts)>>,
 }
 
 impl Controller {
     fn db(&self) -> &Db {
         &self.deployer.db
+    }
+
+    fn cached_counts(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<i64, (usize, Counts)>> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn hold_lease(&self) -> anyhow::Result<bool> {
@@ -252,12 +289,28 @@ impl Controller {
 
     /// One pass over the active rollouts, if this replica holds the lease.
     pub async fn tick(&self) -> anyhow::Result<()> {
+        use std::sync::atomic::Ordering;
         if !self.hold_lease().await? {
+            self.last_pass_ms.store(0, Ordering::Relaxed);
             return Ok(());
         }
+        if self.last_pass_ms.load(Ordering::Relaxed) == 0 {
+            // Another replica may have acted meanwhile: count afresh.
+            self.cached_counts().clear();
+        }
+        let now = now_ms();
+        let previous = self.last_pass_ms.swap(now, Ordering::Relaxed);
+        let since = if previous == 0
+            || now - self.last_full_pass_ms.load(Ordering::Relaxed) >= FULL_PASS_MS
+        {
+            self.last_full_pass_ms.store(now, Ordering::Relaxed);
+            0
+        } else {
+            previous - REPORT_MARGIN_MS
+        };
         for r in self.db().rollouts(true).await? {
             let result = match r.state {
-                RolloutState::Running => self.advance(&r).await,
+                RolloutState::Running => self.advance(&r, since).await,
                 RolloutState::RollingBack => self.roll_back(&r).await,
                 _ => Ok(()),
             };
@@ -266,14 +319,21 @@ impl Controller {
         Ok(())
     }
 
-    /// Judges the updating devices, then does what [`plan`] says.
-    async fn advance(&self, r: &Rollout) -> anyhow::Result<()> {
-        self.db().judge_updating(r, now_ms()).await?;
-        let counts = self.db().rollout_counts(r.id).await?;
+    /// Judges the updating devices heard from since `since`, then does what [`plan`]
+    /// says.
+    async fn advance(&self, r: &Rollout, since: i64) -> anyhow::Result<()> {
+        let judged = self.db().judge_updating(r, now_ms(), since).await?;
+        let cached = self.cached_counts().get(&r.id).copied();
+        let counts = match cached {
+            Some((stage, counts)) if stage == r.stage => counts.apply(judged),
+            _ => self.db().rollout_counts(r.id).await?,
+        };
+        self.cached_counts().insert(r.id, (r.stage, counts));
         match plan(r, &counts) {
             Step::Wait => Ok(()),
             Step::Halt(reason) => {
                 tracing::warn!(rollout = r.id, %reason, "rolling back");
+                self.cached_counts().remove(&r.id);
                 self.db()
                     .set_rollout_state(
                         r.id,
@@ -298,6 +358,7 @@ impl Controller {
                         None,
                     )
                     .await?;
+                self.cached_counts().remove(&r.id);
                 tracing::info!(rollout = r.id, "rollout completed");
                 Ok(())
             }
@@ -483,6 +544,15 @@ mod tests {
             failed,
             rolled_back: 0,
         }
+    }
+
+    #[test]
+    fn judged_devices_leave_updating() {
+        let c = counts(10, 6, 1).apply(Judged {
+            failed: 2,
+            succeeded: 3,
+        });
+        assert_eq!(c, counts(10, 1, 3));
     }
 
     #[test]

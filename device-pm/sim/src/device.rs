@@ -79,6 +79,9 @@ impl SimDevice {
         let tuning = config.tuning;
         options
             .set_keep_alive(Duration::from_secs(tuning.keep_alive_s.into()))
+            // The firmware waits as long for the CONNACK (its socket timeout).
+            .set_connection_timeout(2 * u64::from(tuning.keep_alive_s))
+            .set_outgoing_inflight_upper_limit(wpm_device_pm::PUBLISH_WINDOW)
             .set_clean_start(true)
             .set_max_packet_size(Some(MAX_PACKET))
             .set_last_will(LastWill::new(
@@ -130,6 +133,9 @@ impl SimDevice {
                     }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
+                        if let Some(p) = &self.probe {
+                            p.link_dropped();
+                        }
                         if online {
                             tracing::warn!(device = %self.id, "link down: {e}");
                             online = false;
@@ -195,11 +201,15 @@ impl SimDevice {
         }
         let _ = client.try_publish(topic, qos(self.tuning.publish_qos), true, payload);
         let _ = client.try_disconnect();
-        // Wait until the goodbye is on the wire, or give up after a short while.
+        // Wait until the broker closed the connection after our DISCONNECT (so it
+        // does not publish the will as well), or give up after a short while.
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while let Some(Ok(e)) = events.recv().await {
-                if matches!(e, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                    break;
+            let mut disconnecting = false;
+            while let Some(e) = events.recv().await {
+                match e {
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => disconnecting = true,
+                    Err(_) if disconnecting => break,
+                    _ => {}
                 }
             }
         })

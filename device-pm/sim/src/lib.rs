@@ -14,7 +14,7 @@ mod probe;
 
 pub use device::SimDevice;
 pub use probe::{Milestone, Probe};
-pub use wpm_device_pm::{Qos, Tuning};
+pub use wpm_device_pm::{Qos, Tuning, PUBLISH_WINDOW};
 
 use anyhow::{Context, Result};
 use std::path::PathBuf;

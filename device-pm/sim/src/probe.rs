@@ -26,6 +26,7 @@ pub struct Probe {
     presence: AtomicU64,
     events: AtomicU64,
     telemetry: AtomicU64,
+    link_drops: AtomicU64,
     /// Milestone name → when; per device only the first time counts.
     milestones: Mutex<HashMap<String, (Milestone, std::collections::HashSet<String>)>>,
 }
@@ -37,6 +38,16 @@ impl Probe {
             + self.presence.load(Ordering::Relaxed)
             + self.events.load(Ordering::Relaxed)
             + self.telemetry.load(Ordering::Relaxed)
+    }
+
+    /// Connections that failed or dropped (each one that had been accepted makes the
+    /// broker publish the device's last will: a report the device itself never sent).
+    pub fn link_drops(&self) -> u64 {
+        self.link_drops.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn link_dropped(&self) {
+        self.link_drops.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A milestone by name: `accepted` (a deployment manifest), `installed NAME@VERSION`,

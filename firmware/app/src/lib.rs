@@ -95,7 +95,19 @@ fn mqtt_err<const N: usize>(e: MqttError<'_, N>) -> Ended {
     }
 }
 
-type Mqtt<'a, 'b> = Client<'a, 'b, TcpSocket<'a>, AllocBuffer, 16, 16, 16, 1, 1, 0, 0>;
+type Mqtt<'a, 'b> = Client<
+    'a,
+    'b,
+    TcpSocket<'a>,
+    AllocBuffer,
+    16,
+    16,
+    { wpm_device_pm::PUBLISH_WINDOW as usize },
+    1,
+    1,
+    0,
+    0,
+>;
 
 /// Runs the device forever.
 pub async fn run<F: NorFlash, B: Board>(

@@ -178,7 +178,10 @@ async fn build(
     registry_addr: SocketAddr,
     stats: Arc<BrokerStats>,
 ) -> anyhow::Result<MqttServer> {
-    let scx = ServerContext::new().build().await;
+    // rmqtt refuses new connections while the machine's CPU load is above 90 %. On a
+    // registry machine that load is the registry's own work during a rollout; refusing
+    // devices then only stretches the reconnect storm (each refused device backs off).
+    let scx = ServerContext::new().busy_check_enable(false).build().await;
     rmqtt_retainer::register(&scx, true, false)
         .await
         .map_err(|e| anyhow::anyhow!("retained message store: {e}"))?;

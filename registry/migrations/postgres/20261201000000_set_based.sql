@@ -21,6 +21,8 @@ ALTER TABLE events ADD COLUMN reason TEXT;
 CREATE INDEX events_by_device_received ON events (device, received_at);
 
 CREATE INDEX device_modules_by_version ON device_modules (name, version, state);
+-- Rollout passes judge only the devices heard from since the last pass.
+CREATE INDEX devices_by_last_seen ON devices (last_seen);
 CREATE INDEX rollout_devices_by_state ON rollout_devices (rollout_id, state, assigned_at);
 
 -- The health window the rollout's manifests ask of a new version (see docs/rollouts.md).

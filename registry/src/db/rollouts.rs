@@ -3,7 +3,7 @@
 
 use super::{now_ms, placeholders, Db, ROWS_PER_STATEMENT};
 use crate::rollout::{
-    Counts, DeviceState, NewRollout, Rollout, RolloutDevice, RolloutState, FAILURE_KINDS,
+    Counts, DeviceState, Judged, NewRollout, Rollout, RolloutDevice, RolloutState, FAILURE_KINDS,
 };
 use anyhow::Context as _;
 use sqlx::any::AnyRow;
@@ -174,43 +174,57 @@ impl Db {
         Ok(c)
     }
 
-    /// Judges every updating device of `r` by its reports, three statements for the
+    /// Judges the updating devices of `r` that reported since `since` (registry clock;
+    /// 0: all of them) by their reports, in one transaction of three statements for the
     /// whole rollout: failed if it reported a failure of the rollout's version (or
     /// rejected a manifest for another reason than a replay) since it was assigned;
     /// succeeded if it reports the version running; failed if it did neither within the
-    /// stage timeout. Returns how many devices changed.
-    pub async fn judge_updating(&self, r: &Rollout, now: i64) -> anyhow::Result<u64> {
+    /// stage timeout. Returns what changed.
+    ///
+    /// Judging only the devices heard from keeps a pass's cost proportional to the
+    /// reports that arrived, not to the size of the stage.
+    pub async fn judge_updating(
+        &self,
+        r: &Rollout,
+        now: i64,
+        since: i64,
+    ) -> anyhow::Result<Judged> {
         let failure = format!(
             "e.device = rollout_devices.device AND e.received_at >= rollout_devices.assigned_at \
              AND ((e.kind IN ({}) AND e.module = $2 AND e.version = $3) \
                   OR (e.kind = 'manifest_rejected' AND e.reason NOT LIKE 'replayed manifest%'))",
             failure_kinds()
         );
+        let mut tx = self.begin_write().await?;
         let failed = sqlx::query(AssertSqlSafe(format!(
             "UPDATE rollout_devices SET state = 'failed', updated_at = $1, \
              detail = (SELECT e.kind || ': ' || COALESCE(e.reason, '') FROM events e \
                        WHERE {failure} ORDER BY e.id LIMIT 1) \
              WHERE rollout_id = $4 AND state = 'updating' \
+             AND device IN (SELECT device FROM events WHERE received_at >= $5) \
              AND EXISTS (SELECT 1 FROM events e WHERE {failure})"
         )))
         .bind(now)
         .bind(&r.module)
         .bind(&r.version)
         .bind(r.id)
-        .execute(&self.pool)
+        .bind(since)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
         let succeeded = sqlx::query(
             "UPDATE rollout_devices SET state = 'succeeded', updated_at = $1 \
-             WHERE rollout_id = $2 AND state = 'updating' AND EXISTS \
+             WHERE rollout_id = $2 AND state = 'updating' \
+             AND device IN (SELECT id FROM devices WHERE last_seen >= $3) AND EXISTS \
              (SELECT 1 FROM device_modules m WHERE m.device = rollout_devices.device \
-              AND m.name = $3 AND m.version = $4 AND m.state = 'running')",
+              AND m.name = $4 AND m.version = $5 AND m.state = 'running')",
         )
         .bind(now)
         .bind(r.id)
+        .bind(since)
         .bind(&r.module)
         .bind(&r.version)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
         let timed_out = sqlx::query(
@@ -226,10 +240,14 @@ impl Db {
         ))
         .bind(r.id)
         .bind(now - r.stage_timeout_ms)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
-        Ok(failed + succeeded + timed_out)
+        tx.commit().await?;
+        Ok(Judged {
+            failed: usize::try_from(failed + timed_out)?,
+            succeeded: usize::try_from(succeeded)?,
+        })
     }
 
     /// Moves a rollout from one of `from` to `to`; false if it was in none of them.

@@ -44,6 +44,12 @@ pub const RECEIVE_MAXIMUM: u16 = 4096;
 pub struct IngestStats {
     /// Messages the broker delivered (redeliveries after a reconnect included).
     pub received: AtomicU64,
+    /// Of those, redeliveries of a message not yet acknowledged (the DUP flag): a
+    /// report received twice, written twice (idempotent for status and presence).
+    pub redelivered: AtomicU64,
+    /// Of those, retained copies (a device's last status or presence, sent when the
+    /// subscription is new).
+    pub retained: AtomicU64,
     /// Messages whose batch committed (and that were then acknowledged).
     pub written: AtomicU64,
     /// Messages dropped on purpose, by [`Refusal`] reason.
@@ -208,6 +214,12 @@ async fn connection(
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 stats.received.fetch_add(1, Ordering::Relaxed);
+                if p.dup {
+                    stats.redelivered.fetch_add(1, Ordering::Relaxed);
+                }
+                if p.retain {
+                    stats.retained.fetch_add(1, Ordering::Relaxed);
+                }
                 // Bounded by the receive maximum: waits only for a writer that is
                 // behind on decoding, never drops.
                 if tx.send(p).await.is_err() {

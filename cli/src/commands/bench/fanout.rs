@@ -33,7 +33,9 @@ fn options(broker: &str, id: String, max_packet: usize) -> Result<MqttOptions> {
     let (host, port) = wpm_registry::config::parse_broker_url(broker)?;
     let mut o = MqttOptions::new(id, host, port);
     o.set_max_packet_size(Some(max_packet as u32))
-        .set_keep_alive(Duration::from_secs(Tuning::NRF9160.keep_alive_s.into()));
+        .set_keep_alive(Duration::from_secs(Tuning::NRF9160.keep_alive_s.into()))
+        // rumqttc sizes its in-flight table by this (65,536 entries by default).
+        .set_outgoing_inflight_upper_limit(wpm_sim::PUBLISH_WINDOW);
     Ok(o)
 }
 

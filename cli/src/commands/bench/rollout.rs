@@ -109,11 +109,31 @@ pub async fn run(global: &GlobalArgs, args: RolloutBenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// How long the registry took to answer fleet summaries: what an operator waits for.
+#[derive(Default)]
+struct Latencies(std::sync::Mutex<Vec<Duration>>);
+
+impl Latencies {
+    /// Median and longest, milliseconds.
+    fn summary(&self) -> Value {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        v.sort();
+        let ms = |d: Option<&Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+        json!({"median_ms": ms(v.get(v.len() / 2)), "max_ms": ms(v.last()), "calls": v.len()})
+    }
+}
+
 /// Devices running `name@version` in the registry's view, and devices holding it at all.
-async fn version_counts(client: &Client, spec: &str) -> Result<(u64, u64)> {
+async fn version_counts(client: &Client, spec: &str, timing: &Latencies) -> Result<(u64, u64)> {
+    let t = Instant::now();
     let s = client
         .get_query("/v1/fleet/status", &[("summary_only", "true".into())])
         .await?;
+    timing
+        .0
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(t.elapsed());
     let v = &s["summary"]["versions"][spec];
     Ok((
         v["running"].as_u64().unwrap_or(0),
@@ -121,8 +141,8 @@ async fn version_counts(client: &Client, spec: &str) -> Result<(u64, u64)> {
     ))
 }
 
-/// Polls `probe` every 100 ms until it returns true; fails when the value it reports
-/// did not change for `stall`.
+/// Polls `probe` every 250 ms (a poll is a fleet summary, work for the registry) until
+/// it returns true; fails when the value it reports did not change for `stall`.
 async fn wait_progress<F, Fut>(what: &str, stall: Duration, mut probe: F) -> Result<()>
 where
     F: FnMut() -> Fut,
@@ -139,7 +159,7 @@ where
         } else if last.1.elapsed() > stall {
             bail!("{what}: stuck at {value} for {stall:?}");
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
@@ -312,6 +332,8 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
     let group = format!("bench{}", std::process::id());
     let probe = Arc::new(wpm_sim::Probe::default());
     let stall = Duration::from_secs(args.timeout);
+    let timing = Latencies::default();
+    let timing = &timing;
     let started = Instant::now();
     let mut fleets = Vec::new();
     for (i, start) in (0..args.devices)
@@ -363,10 +385,24 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
             health_seconds: None,
         })
         .await?;
-    wait_progress("devices confirming bench@1.0.0", stall, || async move {
-        let (running, _) = version_counts(client, "bench@1.0.0").await?;
-        Ok((running as usize >= args.devices, running))
+    // The devices say when they run it; only then ask the registry (a fleet summary is
+    // work for it, and an operator does not poll one four times a second).
+    let probe_ref = &probe;
+    wait_progress("devices running bench@1.0.0", stall, || async move {
+        let n = probe_ref
+            .milestone("running bench@1.0.0")
+            .map_or(0, |m| m.devices);
+        Ok((n as usize >= args.devices, n))
     })
+    .await?;
+    wait_progress(
+        "the registry confirming bench@1.0.0",
+        stall,
+        || async move {
+            let (running, _) = version_counts(client, "bench@1.0.0", timing).await?;
+            Ok((running as usize >= args.devices, running))
+        },
+    )
     .await?;
     let deploy_total = t.elapsed().as_secs_f64();
     let deploy_distribution = distribution(&probe, "bench@1.0.0").unwrap_or(0.0);
@@ -397,8 +433,13 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
     let mut stage_seen = 0;
     let mut last_change = Instant::now();
     loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let r = client.get_query(&format!("/v1/rollouts/{id}"), &[]).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let r = client
+            .get_query(
+                &format!("/v1/rollouts/{id}"),
+                &[("devices", "false".into())],
+            )
+            .await?;
         let stage = r["stage"].as_u64().unwrap_or(0);
         if stage > stage_seen {
             stage_seen = stage;
@@ -426,7 +467,7 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
     let rollout_total = t.elapsed().as_secs_f64();
     // Nothing left half-way: v1 leaves each device's flash once v2 is confirmed.
     wait_progress("devices dropping bench@1.0.0", stall, || async move {
-        let (_, old) = version_counts(client, "bench@1.0.0").await?;
+        let (_, old) = version_counts(client, "bench@1.0.0", timing).await?;
         Ok((old == 0, old))
     })
     .await?;
@@ -454,6 +495,7 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
     let accounted_for = accounted(&ingest);
     let broker_drops = broker_counters(client).await?.map(|c| c["dropped"].clone());
     let lost = sent.saturating_sub(accounted_for);
+    let link_drops = probe.link_drops();
 
     let mut fanouts = json!(null);
     if !args.no_fanout {
@@ -526,6 +568,9 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
             "sent_by_devices": sent,
             "written_or_refused_by_registry": accounted_for,
             "lost": lost,
+            // Beyond what devices sent: last wills of connections that dropped.
+            "extra": accounted_for.saturating_sub(sent),
+            "device_link_drops": link_drops,
             "ingest": ingest,
             "broker_dropped": broker_drops,
         },
@@ -535,6 +580,7 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
             "from_devices": {"messages": diff(3), "bytes": diff(1)},
         },
         "registry_peak_rss_bytes": peak_mem,
+        "fleet_summary_latency": timing.summary(),
     });
     if let Err(e) = settled {
         bail!("{e:#}: {lost} of {sent} device reports never reached the database\n{result:#}");
@@ -578,12 +624,13 @@ fn render(r: &Value) -> String {
          \x20 staged rollout {:<14} {:.1} s total (stages started at {}), distribution {:.1} s\n\
          \x20 raw fan-out of the same bytes fetch (device pattern) {} s, push {} s\n\
          \x20 deploy distribution / raw     {} (fetch), {} (push)\n\
-         \x20 device reports                {} sent, {} written or refused, {} lost\n\
+         \x20 device reports                {} sent, {} written or refused, {} lost ({} more: last wills of {} dropped links)\n\
          \x20 rollout traffic ({})\n\
          \x20   broker → devices            {} messages, {}\n\
          \x20   devices → broker            {} messages, {}\n\
          \x20 CPU per 1,000 devices         deploy: {}; rollout: {}\n\
-         \x20 registry peak memory          {}",
+         \x20 registry peak memory          {}\n\
+         \x20 fleet summary answered in     {} ms median, {} ms at most",
         human_size(r["module_size"].as_u64().unwrap_or(0)),
         r["devices"],
         r["broker"].as_str().unwrap_or("?"),
@@ -603,6 +650,8 @@ fn render(r: &Value) -> String {
         r["reports"]["sent_by_devices"],
         r["reports"]["written_or_refused_by_registry"],
         r["reports"]["lost"],
+        r["reports"]["extra"],
+        r["reports"]["device_link_drops"],
         r["rollout_traffic"]["counted_at"].as_str().unwrap_or("?"),
         r["rollout_traffic"]["to_devices"]["messages"],
         bytes(&r["rollout_traffic"]["to_devices"]["bytes"]),
@@ -611,5 +660,7 @@ fn render(r: &Value) -> String {
         cpu(&r["deploy"]["cpu_seconds_per_1000_devices"]),
         cpu(&r["rollout"]["cpu_seconds_per_1000_devices"]),
         human_size(r["registry_peak_rss_bytes"].as_u64().unwrap_or(0)),
+        ratio(&r["fleet_summary_latency"]["median_ms"]),
+        ratio(&r["fleet_summary_latency"]["max_ms"]),
     )
 }
