@@ -144,7 +144,7 @@ enum Command {
     #[command(subcommand)]
     Registry(RegistryCommand),
 
-    /// What an external MQTT broker needs to serve the registry
+    /// wpm's MQTT broker on its own, or what an external broker needs to serve the registry
     #[command(subcommand)]
     Broker(BrokerCommand),
 
@@ -212,6 +212,14 @@ enum BrokerCommand {
   wpm broker config --mosquitto > /etc/mosquitto/conf.d/wpm.conf
   wpm broker config --mosquitto --port 8883 --out wpm.conf")]
     Config(broker::ConfigArgs),
+
+    /// Run wpm's MQTT broker on its own (the one `wpm registry serve` embeds), alone or
+    /// as one node of a cluster, until Ctrl-C
+    #[command(after_help = "Examples:
+  wpm broker serve --listen 0.0.0.0:1883 --registry-listen 10.0.0.1:1884
+  wpm broker serve --node-id 1 --cluster-listen 10.0.0.1:5364 \\
+      --node 1@10.0.0.1:5364 --node 2@10.0.0.2:5364 --node 3@10.0.0.3:5364")]
+    Serve(broker::ServeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -300,6 +308,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
         Command::Bench(cmd) => bench::run(g, cmd).await,
         Command::Registry(RegistryCommand::Serve(args)) => wpm_registry::serve(args).await,
         Command::Broker(BrokerCommand::Config(args)) => broker::config(args),
+        Command::Broker(BrokerCommand::Serve(args)) => broker::serve(args).await,
         Command::Sim(args) => sim::run(g, args).await,
         Command::Demo(args) => demo::run(g, args).await,
     }

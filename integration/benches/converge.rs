@@ -24,7 +24,7 @@ async fn main() -> anyhow::Result<()> {
     let [v1, _] = env.api.publish_hello().await?;
     let size = v1["size"].as_u64().unwrap_or_default();
 
-    println!("module size {size} bytes; embedded rumqttd + SQLite; one process");
+    println!("module size {size} bytes; embedded broker + SQLite; one process");
     println!(
         "{:>8}  {:>14}  {:>14}  {:>16}",
         "devices", "install v1", "upgrade to v2", "upgrade/device"

@@ -32,7 +32,7 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", hex::encode(b))
 }
 
-fn port_open(port: u16) -> bool {
+pub fn port_open(port: u16) -> bool {
     TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(300)).is_ok()
 }
 
@@ -328,27 +328,88 @@ pub fn device_runs(status: &Value, device: &str, module: &str, version: &str) ->
         })
 }
 
-/// The `wpm-registry` binary, built if needed (it is not a target of this crate, so
-/// cargo does not build it for these tests by itself).
+/// The `wpm-registry` binary, built if needed.
 pub fn registry_binary() -> Result<PathBuf> {
+    workspace_binary("wpm-registry", "wpm-registry")
+}
+
+/// The `wpm` CLI binary, built if needed.
+pub fn cli_binary() -> Result<PathBuf> {
+    workspace_binary("wpm-cli", "wpm")
+}
+
+/// A binary of this workspace, built if needed (it is not a target of this crate, so
+/// cargo does not build it for these tests by itself).
+fn workspace_binary(package: &str, bin: &str) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "-q", "-p", "wpm-registry", "--bin", "wpm-registry"])
+        .args(["build", "-q", "-p", package, "--bin", bin])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
-        .context("running cargo build -p wpm-registry")?;
+        .with_context(|| format!("running cargo build -p {package}"))?;
     if !status.success() {
-        bail!("cargo build -p wpm-registry failed ({status})");
+        bail!("cargo build -p {package} failed ({status})");
     }
     // Tests run from target/debug/deps; the binary sits in target/debug.
     let exe = std::env::current_exe()?;
-    let bin = exe
+    let path = exe
         .parent()
         .and_then(|deps| deps.parent())
         .context("test binary outside target/")?
-        .join("wpm-registry");
-    anyhow::ensure!(bin.exists(), "{} not found", bin.display());
-    Ok(bin)
+        .join(bin);
+    anyhow::ensure!(path.exists(), "{} not found", path.display());
+    Ok(path)
+}
+
+/// A registry replica in a child process, one of several on one database.
+pub struct Replica {
+    pub process: Child,
+    pub api: Api,
+}
+
+impl Replica {
+    /// Starts `wpm-registry` on a free HTTP port, using `broker`, splitting ingest with
+    /// the replicas of share group `share`, and under the stable name `name`.
+    pub fn start(
+        data: &std::path::Path,
+        db: &str,
+        broker: &str,
+        share: &str,
+        token: &str,
+        name: &str,
+    ) -> Result<Replica> {
+        let http = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(registry_binary()?)
+            .arg("--data-dir")
+            .arg(data)
+            .args(["--http", &http, "--broker", broker, "--database", db])
+            .args(["--ingest-share-group", share, "--token", token])
+            .args(["--replica", name, "--ingest-session-hours", "1"])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        Ok(Replica {
+            process: Child(child),
+            api: Api::new(format!("http://{http}"), token),
+        })
+    }
+
+    /// Waits until it answers HTTP.
+    pub async fn wait_up(&self) -> Result<()> {
+        wait_for("a replica to answer", Duration::from_secs(30), || async {
+            Ok(self.api.get("/v1/health").await.ok().map(|_| ()))
+        })
+        .await
+    }
+}
+
+/// A data directory holding one signing key, for replicas that must sign alike.
+pub fn shared_data_dir() -> Result<tempfile::TempDir> {
+    let data = tempfile::tempdir()?;
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).unwrap();
+    std::fs::write(data.path().join("signing.key"), hex::encode(seed))?;
+    Ok(data)
 }
 
 /// A child process killed (SIGKILL) when dropped.

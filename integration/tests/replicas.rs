@@ -6,79 +6,39 @@
 
 use std::time::Duration;
 use wpm_integration::{
-    example, free_port, mosquitto, postgres_database, registry_binary, unique, wait_for, Api,
-    Child, Mqtt,
+    example, mosquitto, postgres_database, shared_data_dir, unique, wait_for, Mqtt, Replica,
 };
 
 const CONVERGE: Duration = Duration::from_secs(120);
 
-struct Replica {
-    process: Child,
-    api: Api,
-}
-
-fn start_replica(
-    bin: &std::path::Path,
-    data: &std::path::Path,
-    db: &str,
-    share: &str,
-    token: &str,
-    name: &str,
-) -> anyhow::Result<Replica> {
-    let http = format!("127.0.0.1:{}", free_port());
-    let child = std::process::Command::new(bin)
-        .arg("--data-dir")
-        .arg(data)
-        .args(["--http", &http, "--broker", &mosquitto()?, "--database", db])
-        .args(["--ingest-share-group", share, "--token", token])
-        .args(["--replica", name, "--ingest-session-hours", "1"])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .spawn()?;
-    Ok(Replica {
-        process: Child(child),
-        api: Api::new(format!("http://{http}"), token),
-    })
-}
-
-async fn wait_up(api: &Api) -> anyhow::Result<()> {
-    wait_for("a replica to answer", Duration::from_secs(30), || async {
-        Ok(api.get("/v1/health").await.ok().map(|_| ()))
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_share_ingest_and_survive_a_kill() -> anyhow::Result<()> {
-    let bin = registry_binary()?;
     let db = postgres_database().await?;
     // One signing key for both: written before either starts.
-    let data = tempfile::tempdir()?;
-    let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).unwrap();
-    std::fs::write(data.path().join("signing.key"), hex::encode(seed))?;
+    let data = shared_data_dir()?;
+    let broker = mosquitto()?;
     let token = unique("token");
     let share = unique("wpm-registry");
     let mut replicas = vec![
-        start_replica(
-            &bin,
+        Replica::start(
             data.path(),
             &db,
+            &broker,
             &share,
             &token,
             &format!("{share}-a"),
         )?,
-        start_replica(
-            &bin,
+        Replica::start(
             data.path(),
             &db,
+            &broker,
             &share,
             &token,
             &format!("{share}-b"),
         )?,
     ];
     for r in &replicas {
-        wait_up(&r.api).await?;
+        r.wait_up().await?;
     }
     let key: [u8; 32] = {
         let k = replicas[0].api.get("/v1/keys").await?.ok()?;
@@ -160,8 +120,8 @@ async fn two_replicas_share_ingest_and_survive_a_kill() -> anyhow::Result<()> {
     // database when it is back, so none is lost.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let names = [format!("{share}-a"), format!("{share}-b")];
-    let restarted = start_replica(&bin, data.path(), &db, &share, &token, &names[victim])?;
-    wait_up(&restarted.api).await?;
+    let restarted = Replica::start(data.path(), &db, &broker, &share, &token, &names[victim])?;
+    restarted.wait_up().await?;
 
     let done = survivor.api.wait_rollout(id, "completed", CONVERGE).await?;
     assert_eq!(done["counts"]["succeeded"], 6, "{done}");

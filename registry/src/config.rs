@@ -52,9 +52,6 @@ pub struct ServeArgs {
     /// for it, while the registry is down.
     #[arg(long, default_value_t = 24, value_name = "HOURS")]
     pub ingest_session_hours: u64,
-    /// Which embedded broker to run (rumqttd only for the measurement in docs/broker.md).
-    #[arg(long, value_enum, default_value = "rmqtt", hide = true)]
-    pub embedded_broker: crate::broker::Kind,
 }
 
 /// Everything [`crate::Registry::start`] needs.
@@ -79,7 +76,6 @@ pub struct Config {
     pub ingest_session_expiry: Duration,
     /// Replica name; `None` loads or makes one in the data dir.
     pub replica: Option<String>,
-    pub embedded_broker: crate::broker::Kind,
 }
 
 impl Config {
@@ -98,7 +94,6 @@ impl Config {
             ingest_share_group: None,
             ingest_session_expiry: Duration::from_secs(24 * 3600),
             replica: None,
-            embedded_broker: crate::broker::Kind::Rmqtt,
         }
     }
 
@@ -138,7 +133,6 @@ impl From<ServeArgs> for Config {
             ingest_share_group: a.ingest_share_group,
             ingest_session_expiry: Duration::from_secs(a.ingest_session_hours.saturating_mul(3600)),
             replica: a.replica,
-            embedded_broker: a.embedded_broker,
         }
     }
 }

@@ -4,10 +4,9 @@
 //! ```text
 //! HTTP (axum) ──▶ db (sqlx Any: SQLite / PostgreSQL) ──▶ publish (rumqttc, retained QoS 1)
 //!                                    ▲                          │
-//!                 ingest (rumqttc) ──┘◀── status/presence/events ◀── broker (rumqttd or external)
+//!                 ingest (rumqttc) ──┘◀── status/presence/events ◀── broker (embedded rmqtt or external)
 //! ```
 
-pub mod broker;
 pub mod config;
 pub mod db;
 pub mod deploy;
@@ -23,7 +22,7 @@ pub use config::{Config, ServeArgs};
 /// The registry's log filter unless RUST_LOG says otherwise: the embedded broker logs
 /// every device connection and disconnection at info, which would drown the registry's
 /// own lines with a fleet attached.
-pub const DEFAULT_LOG_FILTER: &str = "info,rmqtt=warn,rmqtt_net=warn,rumqttd=warn";
+pub const DEFAULT_LOG_FILTER: &str = "info,rmqtt=warn,rmqtt_net=warn";
 pub use keys::{seal_deployment, seal_module_manifest};
 
 use anyhow::Context as _;
@@ -44,7 +43,7 @@ pub struct Registry {
     publisher: Arc<publish::Publisher>,
     ingest: ingest::Ingest,
     db: db::Db,
-    broker: Option<broker::EmbeddedBroker>,
+    broker: Option<wpm_broker::Broker>,
 }
 
 impl Registry {
@@ -75,18 +74,17 @@ impl Registry {
                 (host.clone(), port, format!("mqtt://{host}:{port}"))
             }
             None => {
-                let b = broker::EmbeddedBroker::start(
-                    config.embedded_broker,
+                let b = wpm_broker::Broker::start(wpm_broker::BrokerConfig::new(
                     config.mqtt_listen,
-                    max_packet,
-                )?;
+                    max_packet as u32,
+                ))?;
                 let own = b.registry_addr();
                 let url = format!("mqtt://{}", b.addr());
                 embedded = Some(b);
                 (own.ip().to_string(), own.port(), url)
             }
         };
-        let broker_stats = embedded.as_ref().and_then(|b| b.stats());
+        let broker_stats = embedded.as_ref().map(|b| b.stats());
         let settings = publish::MqttSettings {
             host,
             port,

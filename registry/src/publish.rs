@@ -221,8 +221,8 @@ impl Publisher {
 }
 
 /// Publishes everything deployed: the modules of every desired set, then the newest
-/// deployment of every target. The broker may have lost its retained messages (rumqttd
-/// keeps them in memory only), so this runs on every start. Publishing the same retained
+/// deployment of every target. The broker may have lost its retained messages (the
+/// embedded one keeps them in memory only), so this runs on every start. Publishing the same retained
 /// bytes again is harmless, so replicas can all do it.
 pub async fn republish_all(db: &Db, publisher: &Publisher) -> anyhow::Result<()> {
     let modules = db.desired_modules().await?;

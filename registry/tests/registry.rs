@@ -348,8 +348,8 @@ async fn sqlite_embedded_restart_republishes() {
     let (token, key) = (reg.token().to_string(), reg.public_key());
     reg.shutdown().await.unwrap();
 
-    // rumqttd cannot be stopped, so the new registry gets a new, empty broker: anything
-    // retained there was republished from the database.
+    // The embedded broker stopped with the registry and keeps nothing: anything retained
+    // in the new one was republished from the database.
     let reg = Registry::start(embedded_config(dir.path())).await.unwrap();
     assert_eq!(reg.token(), token);
     assert_eq!(reg.public_key(), key);

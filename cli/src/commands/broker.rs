@@ -1,8 +1,11 @@
 //! `wpm broker config --mosquitto`: the configuration an external broker needs to serve
 //! a registry without losing device reports (one definition, in the registry crate,
-//! shared with the bench and the tests).
+//! shared with the bench and the tests). `wpm broker serve`: wpm's own broker on its
+//! own, alone or as one node of a cluster.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -51,5 +54,72 @@ pub fn config(args: ConfigArgs) -> Result<()> {
         }
         None => print!("{text}"),
     }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Where devices connect
+    #[arg(long, default_value = "0.0.0.0:1883", value_name = "ADDR")]
+    pub listen: SocketAddr,
+
+    /// Where registries connect (`wpm registry serve --broker mqtt://THIS`): deep queues
+    /// and a wide in-flight window for their persistent ingest sessions. Keep it off the
+    /// devices' network.
+    #[arg(long, default_value = "127.0.0.1:1884", value_name = "ADDR")]
+    pub registry_listen: SocketAddr,
+
+    /// Largest MQTT packet, bytes: at least the registry's (a chunk, or a manifest of
+    /// the largest module)
+    #[arg(long, default_value_t = 256 * 1024, value_name = "BYTES")]
+    pub max_packet_size: u32,
+
+    /// This node's id in a cluster (1, 2, …); requires --cluster-listen and --node
+    #[arg(long, requires_all = ["cluster_listen", "nodes"])]
+    pub node_id: Option<u64>,
+
+    /// Where this node serves the other nodes
+    #[arg(long, value_name = "ADDR", requires = "node_id")]
+    pub cluster_listen: Option<SocketAddr>,
+
+    /// A node of the cluster, this one included: ID@HOST:PORT of its --cluster-listen
+    #[arg(long = "node", value_name = "ID@HOST:PORT", value_parser = parse_node, requires = "node_id")]
+    pub nodes: Vec<(u64, String)>,
+}
+
+fn parse_node(s: &str) -> Result<(u64, String)> {
+    let (id, addr) = s
+        .split_once('@')
+        .context("expected ID@HOST:PORT, e.g. 2@10.0.0.2:5364")?;
+    let id = id.parse().context("node id must be a number")?;
+    anyhow::ensure!(addr.contains(':'), "expected ID@HOST:PORT, got {s:?}");
+    Ok((id, addr.to_string()))
+}
+
+/// Runs the broker until Ctrl-C or SIGTERM.
+pub async fn serve(args: ServeArgs) -> Result<()> {
+    let mut config = wpm_broker::BrokerConfig::new(args.listen, args.max_packet_size);
+    config.registry_listen = args.registry_listen;
+    config.cluster = match (args.node_id, args.cluster_listen) {
+        (Some(node_id), Some(listen)) => Some(wpm_broker::ClusterConfig {
+            node_id,
+            listen,
+            nodes: args.nodes,
+            peer_timeout: Duration::from_secs(5),
+        }),
+        _ => None,
+    };
+    let cluster = config.cluster.as_ref().map(|c| c.node_id);
+    let broker = tokio::task::spawn_blocking(move || wpm_broker::Broker::start(config)).await??;
+    emit(&format!(
+        "MQTT broker: devices on {}, registries on {}{}",
+        broker.addr(),
+        broker.registry_addr(),
+        cluster
+            .map(|id| format!(", cluster node {id}"))
+            .unwrap_or_default()
+    ));
+    super::shutdown_signal().await?;
+    tokio::task::spawn_blocking(move || broker.stop()).await?;
     Ok(())
 }

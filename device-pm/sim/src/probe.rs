@@ -40,6 +40,11 @@ impl Probe {
             + self.telemetry.load(Ordering::Relaxed)
     }
 
+    /// Events devices published (installed, failed, rolled back, …).
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::Relaxed)
+    }
+
     /// Connections that failed or dropped (each one that had been accepted makes the
     /// broker publish the device's last will: a report the device itself never sent).
     pub fn link_drops(&self) -> u64 {

@@ -18,8 +18,10 @@
 //!   message expiry, because the registry's ingest session is persistent and must receive
 //!   everything devices sent while it was restarting or while its database was slow.
 
+mod cluster;
 mod stats;
 
+pub use cluster::ClusterConfig;
 pub use stats::{BrokerStats, DropReason};
 
 use anyhow::Context as _;
@@ -37,6 +39,9 @@ use std::time::Duration;
 pub struct BrokerConfig {
     /// Where devices connect (port 0: any free port).
     pub listen: SocketAddr,
+    /// Where the registry's own clients connect: loopback when the broker runs inside
+    /// the registry; the address registry replicas reach when it runs on its own.
+    pub registry_listen: SocketAddr,
     /// Largest MQTT packet accepted or sent: a module chunk or manifest plus headers.
     pub max_packet_size: u32,
     /// Messages the broker sends a registry client before it must acknowledge them
@@ -47,17 +52,21 @@ pub struct BrokerConfig {
     pub registry_queue: usize,
     /// How long the broker keeps a disconnected registry session and its queue.
     pub registry_session_expiry: Duration,
+    /// Set when this broker is one node of a cluster.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl BrokerConfig {
     pub fn new(listen: SocketAddr, max_packet_size: u32) -> Self {
         Self {
             listen,
+            registry_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             max_packet_size,
             registry_inflight: 4096,
             // Ten thousand devices reporting an install (some ten messages each) twice.
             registry_queue: 200_000,
             registry_session_expiry: Duration::from_secs(24 * 3600),
+            cluster: None,
         }
     }
 }
@@ -83,19 +92,28 @@ impl Broker {
         // Bind here, not in the broker's thread: a port in use (say, by a system
         // Mosquitto) is then a clear startup error, not a registry talking to some
         // other broker.
-        let devices = std::net::TcpListener::bind(config.listen).with_context(|| {
+        let devices = bind(config.listen).with_context(|| {
             format!(
                 "embedded MQTT broker cannot listen on {} (port in use? pass --mqtt-listen or --broker)",
                 config.listen
             )
         })?;
-        let registry = std::net::TcpListener::bind(("127.0.0.1", 0))
-            .context("embedded MQTT broker: registry listener")?;
+        let registry = bind(config.registry_listen).with_context(|| {
+            format!(
+                "MQTT broker: registry listener on {}",
+                config.registry_listen
+            )
+        })?;
         let addr = connectable(devices.local_addr()?);
-        let registry_addr = registry.local_addr()?;
-        // rmqtt binds by address (with SO_REUSEADDR); release ours just before it does.
+        let registry_addr = connectable(registry.local_addr()?);
+        if let Some(c) = &config.cluster {
+            c.validate()?;
+        }
+        // rmqtt binds by address; release ours just before it does.
         drop((devices, registry));
 
+        // A cluster node may first copy the cluster's retained messages.
+        let startup = Duration::from_secs(if config.cluster.is_some() { 70 } else { 10 });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .thread_name("wpm-broker")
             .enable_all()
@@ -105,12 +123,14 @@ impl Broker {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let thread_stats = stats.clone();
-        let listen = config.listen;
+        // Port 0 was resolved by the bind above; rmqtt binds the same ports again.
+        let listen = SocketAddr::new(config.listen.ip(), addr.port());
+        let registry_listen = SocketAddr::new(config.registry_listen.ip(), registry_addr.port());
         let thread = std::thread::Builder::new()
             .name("wpm-broker-main".into())
             .spawn(move || {
                 runtime.block_on(async move {
-                    let server = match build(&config, listen, registry_addr, thread_stats).await {
+                    let server = match build(&config, listen, registry_listen, thread_stats).await {
                         Ok(s) => s,
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
@@ -132,8 +152,8 @@ impl Broker {
                 runtime.shutdown_timeout(Duration::from_secs(1));
             })?;
         ready_rx
-            .recv_timeout(Duration::from_secs(10))
-            .context("embedded MQTT broker did not start within 10 s")??;
+            .recv_timeout(startup)
+            .with_context(|| format!("MQTT broker did not start within {startup:?}"))??;
         wait_accepting(addr)?;
         wait_accepting(registry_addr)?;
         tracing::info!(%addr, %registry_addr, "embedded MQTT broker listening");
@@ -181,10 +201,27 @@ async fn build(
     // rmqtt refuses new connections while the machine's CPU load is above 90 %. On a
     // registry machine that load is the registry's own work during a rollout; refusing
     // devices then only stretches the reconnect storm (each refused device backs off).
-    let scx = ServerContext::new().busy_check_enable(false).build().await;
+    let mut scx = ServerContext::new()
+        .busy_check_enable(false)
+        // No limit on retained messages: every chunk, manifest and device status is one.
+        .plugins_config_map_add("rmqtt-retainer", "max_retained_messages = 0")
+        // One device's reports go to one registry replica of a `$share/…` group, in order.
+        .plugins_config_map_add("rmqtt-shared-subscription", "strategy = \"hash_clientid\"");
+    if let Some(c) = &config.cluster {
+        scx = cluster::configure(scx, c);
+    }
+    let scx = scx.build().await;
+    if let Some(c) = &config.cluster {
+        cluster::join(&scx, c).await?;
+    }
     rmqtt_retainer::register(&scx, true, false)
         .await
         .map_err(|e| anyhow::anyhow!("retained message store: {e}"))?;
+    // Without it rmqtt refuses `$share/…` subscriptions (registry replicas split the
+    // ingest with one).
+    rmqtt_shared_subscription::register(&scx, true, false)
+        .await
+        .map_err(|e| anyhow::anyhow!("shared subscriptions: {e}"))?;
     let register = scx.extends.hook_mgr().register();
     for typ in [
         Type::MessagePublish,
@@ -196,11 +233,15 @@ async fn build(
             .await;
     }
     register.start().await;
+    if let Some(c) = &config.cluster {
+        cluster::wait_for_retained(&scx, c, Duration::from_secs(60)).await;
+    }
 
     let devices = Builder::new()
         .name("devices")
         .laddr(listen)
         .nodelay(true)
+        .reuseaddr(Some(true))
         .max_packet_size(config.max_packet_size)
         // A device has at most a chunk window of retained topics outstanding.
         .max_inflight(NonZeroU16::new(64).expect("non-zero"))
@@ -213,6 +254,7 @@ async fn build(
         .name("registry")
         .laddr(registry_addr)
         .nodelay(true)
+        .reuseaddr(Some(true))
         .max_packet_size(config.max_packet_size)
         .max_inflight(NonZeroU16::new(config.registry_inflight.max(1)).expect("non-zero"))
         .max_mqueue_len(config.registry_queue)
@@ -229,6 +271,20 @@ async fn build(
         .listener(devices)
         .listener(registry)
         .build())
+}
+
+/// Binds with SO_REUSEADDR, as the listeners do: a broker restarted on its port must not fail on
+/// the connections its previous run left closing.
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(16)?;
+    Ok(socket.into())
 }
 
 /// The address to connect to when listening on an unspecified one.

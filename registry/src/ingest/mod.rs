@@ -12,8 +12,12 @@
 //! broker ──PUBLISH (QoS 1)──▶ connection task ──channel──▶ writer: decode, batch, commit ──▶ PUBACK
 //! ```
 //!
-//! The channel holds at most the receive maximum of unacknowledged messages, so handing
-//! a message to the writer never waits for long and never drops. Messages refused on
+//! The connection task never waits for the writer: the writer's acknowledgements travel
+//! back through the same connection, so a connection task blocked on a full channel
+//! would stop them, and the writer, blocked on acknowledging, would never empty the
+//! channel (a deadlock measured with Mosquitto at 10,000 devices). The channel is
+//! unbounded; the broker bounds it, as it may not have more than the receive maximum
+//! of unacknowledged QoS 1 messages out to us (devices publish everything at QoS 1). Messages refused on
 //! purpose (undecodable, spoofed, unstorable) are counted by [`Refusal`] reason and
 //! acknowledged: they will not get better by being delivered again.
 
@@ -120,7 +124,7 @@ impl Ingest {
             .set_receive_maximum(Some(RECEIVE_MAXIMUM))
             .set_manual_acks(true);
         let (client, eventloop) = AsyncClient::new(options, 4 * usize::from(RECEIVE_MAXIMUM));
-        let (tx, rx) = mpsc::channel::<Publish>(usize::from(RECEIVE_MAXIMUM) + 64);
+        let (tx, rx) = mpsc::unbounded_channel::<Publish>();
         let (subscribed_tx, subscribed_rx) = watch::channel(false);
         let filters: Vec<Filter> = [
             TopicFilter::AllStatus,
@@ -187,7 +191,7 @@ async fn connection(
     mut eventloop: EventLoop,
     client: AsyncClient,
     filters: Vec<Filter>,
-    tx: mpsc::Sender<Publish>,
+    tx: mpsc::UnboundedSender<Publish>,
     subscribed: watch::Sender<bool>,
     stats: Arc<IngestStats>,
     mut stop: watch::Receiver<bool>,
@@ -220,9 +224,7 @@ async fn connection(
                 if p.retain {
                     stats.retained.fetch_add(1, Ordering::Relaxed);
                 }
-                // Bounded by the receive maximum: waits only for a writer that is
-                // behind on decoding, never drops.
-                if tx.send(p).await.is_err() {
+                if tx.send(p).is_err() {
                     break;
                 }
             }

@@ -27,7 +27,7 @@ const ATTEMPTS: u32 = 5;
 pub(super) async fn run(
     db: Db,
     client: AsyncClient,
-    mut rx: mpsc::Receiver<Publish>,
+    mut rx: mpsc::UnboundedReceiver<Publish>,
     stats: Arc<IngestStats>,
     written: Arc<Notify>,
 ) {

@@ -98,14 +98,13 @@ pub fn process_cost(pid: u32, thread_prefixes: &[&str]) -> Result<(f64, f64, u64
     Ok((total, threads, hwm_kb * 1024))
 }
 
-/// Threads of the embedded broker in the registry process: rmqtt's runtime, or rumqttd's
-/// router, server and timer threads.
-pub const BROKER_THREADS: [&str; 5] = ["wpm-broker", "wpm-rumqttd", "wpm-v4", "router-", "timer"];
+/// Threads of the embedded broker in the registry process (its runtime's workers).
+pub const BROKER_THREADS: [&str; 1] = ["wpm-broker"];
 
 /// Where the registry child gets its broker.
 pub enum RegistryBroker<'a> {
-    /// Its own embedded one (`rmqtt` or `rumqttd`) on this port.
-    Embedded { kind: &'a str, port: u16 },
+    /// Its own embedded one on this port.
+    Embedded { port: u16 },
     /// An external one.
     External(&'a str),
 }
@@ -130,12 +129,9 @@ impl RegistryChild {
             .args(["--http", &http]);
         match broker {
             RegistryBroker::External(url) => cmd.args(["--broker", url]),
-            RegistryBroker::Embedded { kind, port } => cmd.args([
-                "--mqtt-listen",
-                &format!("127.0.0.1:{port}"),
-                "--embedded-broker",
-                kind,
-            ]),
+            RegistryBroker::Embedded { port } => {
+                cmd.args(["--mqtt-listen", &format!("127.0.0.1:{port}")])
+            }
         };
         if let Some(db) = database {
             cmd.args(["--database", db]);
@@ -143,7 +139,7 @@ impl RegistryChild {
         die_with_parent(&mut cmd);
         cmd.env(
             "RUST_LOG",
-            std::env::var("WPM_BENCH_REGISTRY_LOG").unwrap_or("warn,rumqttd=off,rmqtt=off".into()),
+            std::env::var("WPM_BENCH_REGISTRY_LOG").unwrap_or("warn,rmqtt=off".into()),
         )
         .env_remove("WPM_TOKEN")
         .stdout(Stdio::null())

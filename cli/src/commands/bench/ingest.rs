@@ -78,10 +78,7 @@ pub async fn run(global: &GlobalArgs, args: IngestBenchArgs) -> Result<()> {
     let registry = RegistryChild::start(
         dir.path(),
         if b.broker == "embedded" {
-            RegistryBroker::Embedded {
-                kind: &b.embedded_broker,
-                port,
-            }
+            RegistryBroker::Embedded { port }
         } else {
             RegistryBroker::External(&url)
         },

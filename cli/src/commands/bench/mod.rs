@@ -46,10 +46,6 @@ pub struct BrokerArgs {
     #[arg(long, default_value = "embedded")]
     pub broker: String,
 
-    /// The embedded broker to run (rumqttd: for the comparison in docs/broker.md)
-    #[arg(long, default_value = "rmqtt", hide = true)]
-    pub embedded_broker: String,
-
     /// Registry database (default: a SQLite file in a temporary directory)
     #[arg(long, value_name = "URL")]
     pub database: Option<String>,

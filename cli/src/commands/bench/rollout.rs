@@ -241,7 +241,7 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
         b.broker.clone()
     };
     let broker_name = if embedded {
-        format!("embedded {}", b.embedded_broker)
+        "embedded".to_string()
     } else if own {
         "mosquitto (own, generated config)".to_string()
     } else {
@@ -257,10 +257,7 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
     let registry = RegistryChild::start(
         dir.path(),
         if embedded {
-            RegistryBroker::Embedded {
-                kind: &b.embedded_broker,
-                port: mqtt_port,
-            }
+            RegistryBroker::Embedded { port: mqtt_port }
         } else {
             RegistryBroker::External(&broker_url)
         },
