@@ -234,6 +234,24 @@ impl Api {
         r["id"].as_i64().context("rollout answer without an id")
     }
 
+    /// Waits until rollout `id` has started stage `stage` (0: the first) or a later one.
+    pub async fn wait_stage(&self, id: i64, stage: i64, timeout: Duration) -> Result<()> {
+        wait_for(&format!("rollout {id} stage {stage}"), timeout, || async {
+            let r = self.get(&format!("/v1/rollouts/{id}")).await?.ok()?;
+            Ok((r["stage"].as_i64() >= Some(stage)).then_some(()))
+        })
+        .await
+    }
+
+    /// The registry's public signing key, which devices trust.
+    pub async fn public_key(&self) -> Result<[u8; 32]> {
+        let k = self.get("/v1/keys").await?.ok()?;
+        let hex_key = k["public_key"].as_str().context("no public_key")?;
+        hex::decode(hex_key)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("public key is not 32 bytes"))
+    }
+
     /// Waits until rollout `id` is in `state`; fails early if it ends in another one.
     pub async fn wait_rollout(&self, id: i64, state: &str, timeout: Duration) -> Result<Value> {
         wait_for(&format!("rollout {id} to be {state}"), timeout, || async {

@@ -146,12 +146,7 @@ async fn a_rollout_completes_and_loses_nothing_when_a_broker_node_dies() -> anyh
         r.wait_up().await?;
     }
     let api = replicas[0].api.clone();
-    let key: [u8; 32] = {
-        let k = api.get("/v1/keys").await?.ok()?;
-        hex::decode(k["public_key"].as_str().unwrap())?
-            .try_into()
-            .unwrap()
-    };
+    let key = api.public_key().await?;
 
     // One fleet per node, each counting what its devices publish.
     let group = unique("cluster");
@@ -187,11 +182,7 @@ async fn a_rollout_completes_and_loses_nothing_when_a_broker_node_dies() -> anyh
     let id = api
         .create_rollout("hello", "2.0.0", &group, &[25, 50, 100], 120)
         .await?;
-    wait_for("the canary stage", CONVERGE, || async {
-        let r = api.get(&format!("/v1/rollouts/{id}")).await?.ok()?;
-        Ok((r["stage"].as_i64() >= Some(1)).then_some(()))
-    })
-    .await?;
+    api.wait_stage(id, 1, CONVERGE).await?;
     nodes[2].process.take();
     tokio::time::sleep(Duration::from_secs(2)).await;
     nodes[2].start()?;

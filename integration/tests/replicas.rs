@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 use wpm_integration::{
-    example, mosquitto, postgres_database, shared_data_dir, unique, wait_for, Mqtt, Replica,
+    example, mosquitto, postgres_database, shared_data_dir, unique, Mqtt, Replica,
 };
 
 const CONVERGE: Duration = Duration::from_secs(120);
@@ -40,12 +40,7 @@ async fn two_replicas_share_ingest_and_survive_a_kill() -> anyhow::Result<()> {
     for r in &replicas {
         r.wait_up().await?;
     }
-    let key: [u8; 32] = {
-        let k = replicas[0].api.get("/v1/keys").await?.ok()?;
-        hex::decode(k["public_key"].as_str().unwrap())?
-            .try_into()
-            .unwrap()
-    };
+    let key = replicas[0].api.public_key().await?;
 
     let group = unique("rep");
     let mut config = wpm_sim::FleetConfig::new(mosquitto()?, vec![key]);
@@ -96,11 +91,7 @@ async fn two_replicas_share_ingest_and_survive_a_kill() -> anyhow::Result<()> {
     let id = a
         .create_rollout("hello", "2.0.0", &group, &[20, 50, 100], 90)
         .await?;
-    wait_for("the canary stage", CONVERGE, || async {
-        let r = a.get(&format!("/v1/rollouts/{id}")).await?.ok()?;
-        Ok((r["stage"].as_i64() >= Some(1)).then_some(()))
-    })
-    .await?;
+    a.wait_stage(id, 1, CONVERGE).await?;
     let holder: String = {
         use sqlx::{Connection as _, Row as _};
         let mut c = sqlx::PgConnection::connect(&db).await?;

@@ -195,12 +195,22 @@ impl Db {
                   OR (e.kind = 'manifest_rejected' AND e.reason NOT LIKE 'replayed manifest%'))",
             failure_kinds()
         );
+        // Drive both statements from the devices heard from (the primary key's
+        // (rollout_id, device)), not from every updating device of the stage: without
+        // statistics SQLite prefers the (rollout_id, state) index, which made each pass
+        // cost the size of the stage. `+state` keeps it off that index; PostgreSQL plans
+        // from its statistics and does not accept `+` on text.
+        let updating = if self.sqlite {
+            "+state = 'updating'"
+        } else {
+            "state = 'updating'"
+        };
         let mut tx = self.begin_write().await?;
         let failed = sqlx::query(AssertSqlSafe(format!(
             "UPDATE rollout_devices SET state = 'failed', updated_at = $1, \
              detail = (SELECT e.kind || ': ' || COALESCE(e.reason, '') FROM events e \
                        WHERE {failure} ORDER BY e.id LIMIT 1) \
-             WHERE rollout_id = $4 AND state = 'updating' \
+             WHERE rollout_id = $4 AND {updating} \
              AND device IN (SELECT device FROM events WHERE received_at >= $5) \
              AND EXISTS (SELECT 1 FROM events e WHERE {failure})"
         )))
@@ -212,13 +222,13 @@ impl Db {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        let succeeded = sqlx::query(
+        let succeeded = sqlx::query(AssertSqlSafe(format!(
             "UPDATE rollout_devices SET state = 'succeeded', updated_at = $1 \
-             WHERE rollout_id = $2 AND state = 'updating' \
+             WHERE rollout_id = $2 AND {updating} \
              AND device IN (SELECT id FROM devices WHERE last_seen >= $3) AND EXISTS \
              (SELECT 1 FROM device_modules m WHERE m.device = rollout_devices.device \
-              AND m.name = $4 AND m.version = $5 AND m.state = 'running')",
-        )
+              AND m.name = $4 AND m.version = $5 AND m.state = 'running')"
+        )))
         .bind(now)
         .bind(r.id)
         .bind(since)
