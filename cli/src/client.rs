@@ -344,6 +344,13 @@ impl Client {
         self.json(resp).await
     }
 
+    /// DELETE a path; the answer's body is not used.
+    pub async fn delete(&self, path: &str) -> Result<()> {
+        self.send(self.authed(self.http.delete(self.url(path))))
+            .await?;
+        Ok(())
+    }
+
     /// Typed rows plus the raw answer for JSON pass-through; the registry filters by
     /// the `query` pairs (group, module, state).
     pub async fn fleet_status(&self, query: &[(&str, String)]) -> Result<(FleetStatus, Value)> {

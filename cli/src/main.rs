@@ -11,7 +11,9 @@ use std::process::ExitCode;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 
-use crate::commands::{bench, broker, command, demo, deploy, fleet, publish, rollout, sim};
+use crate::commands::{
+    bench, broker, command, demo, deploy, fleet, identity, publish, rollout, sim,
+};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -182,6 +184,24 @@ enum ModulesCommand {
 
 #[derive(Debug, Subcommand)]
 enum DeviceCommand {
+    /// Register a device: make its key pair, register the public half with the registry
+    /// and print (or write) its provisioning record
+    #[command(after_help = "Examples:
+  wpm device add dev-17 --group eu --out dev-17.json
+  wpm device add dev-18 --group eu --group canary > dev-18.json")]
+    Add(identity::AddArgs),
+    /// Register many devices from a CSV file (`id,group;group`), one provisioning record
+    /// per device
+    #[command(after_help = "Examples:
+  wpm device import batch-7.csv --out-dir batch-7/")]
+    Import(identity::ImportArgs),
+    /// The registered devices and whether they are revoked
+    List(fleet::ListArgs),
+    /// Mark a device revoked (a stolen or retired device). Ingest does not check
+    /// identities yet: see docs/security.md
+    Revoke(identity::IdArgs),
+    /// Forget a device: its identity and everything the registry holds about it
+    Remove(identity::IdArgs),
     /// A device's recent events (installs, traps, evictions...), newest first
     #[command(after_help = "Examples:
   wpm device events dev-17
@@ -272,6 +292,10 @@ impl Command {
             Command::Fleet(FleetCommand::Status(a)) => &mut a.conn,
             Command::Modules(ModulesCommand::List(a)) => &mut a.conn,
             Command::Device(DeviceCommand::Events(a)) => &mut a.conn,
+            Command::Device(DeviceCommand::Add(a)) => &mut a.conn,
+            Command::Device(DeviceCommand::Import(a)) => &mut a.conn,
+            Command::Device(DeviceCommand::List(a)) => &mut a.conn,
+            Command::Device(DeviceCommand::Revoke(a) | DeviceCommand::Remove(a)) => &mut a.conn,
             Command::Device(
                 DeviceCommand::Start(a)
                 | DeviceCommand::Stop(a)
@@ -299,6 +323,11 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
         Command::Fleet(FleetCommand::Status(args)) => fleet::status(g, args).await,
         Command::Modules(ModulesCommand::List(args)) => fleet::modules_list(g, args).await,
         Command::Device(DeviceCommand::Events(args)) => fleet::device_events(g, args).await,
+        Command::Device(DeviceCommand::Add(args)) => identity::add(g, args).await,
+        Command::Device(DeviceCommand::Import(args)) => identity::import(g, args).await,
+        Command::Device(DeviceCommand::List(args)) => identity::list(g, args).await,
+        Command::Device(DeviceCommand::Revoke(args)) => identity::revoke(g, args).await,
+        Command::Device(DeviceCommand::Remove(args)) => identity::remove(g, args).await,
         Command::Device(DeviceCommand::Start(args)) => command::run(g, "start", args).await,
         Command::Device(DeviceCommand::Stop(args)) => command::run(g, "stop", args).await,
         Command::Device(DeviceCommand::Pin(args)) => command::run(g, "pin", args).await,

@@ -274,7 +274,10 @@ impl<F: NorFlash> Device<F> {
     pub fn last_will(&self) -> (String, Vec<u8>) {
         (
             Topic::Presence(&self.config.device_id).render(),
-            wpm_manifests::encode(&Presence { online: false }),
+            wpm_manifests::encode(&Presence {
+                online: false,
+                will: None,
+            }),
         )
     }
 
@@ -464,7 +467,10 @@ impl<F: NorFlash> Device<F> {
         let presence = Topic::Presence(&self.config.device_id).render();
         self.publish(
             presence,
-            wpm_manifests::encode(&Presence { online: true }),
+            wpm_manifests::encode(&Presence {
+                online: true,
+                will: None,
+            }),
             true,
         );
         self.status_dirty = true;

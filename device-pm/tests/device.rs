@@ -42,13 +42,19 @@ fn installs_and_runs_a_module() {
     let presence = Topic::Presence(DEVICE).render();
     assert_eq!(
         wpm_manifests::decode::<Presence>(&w.retained[&presence]).unwrap(),
-        Presence { online: true }
+        Presence {
+            online: true,
+            will: None
+        }
     );
     let (will_topic, will) = w.dev().last_will();
     assert_eq!(will_topic, presence);
     assert_eq!(
         wpm_manifests::decode::<Presence>(&will).unwrap(),
-        Presence { online: false }
+        Presence {
+            online: false,
+            will: None
+        }
     );
 
     let wasm = wasm("v1", 0, "");

@@ -14,10 +14,12 @@
 extern crate alloc;
 
 pub mod golden;
+pub mod report;
 pub mod signing;
 pub mod topic;
 pub mod types;
 
+pub use report::{Report, ReportBody};
 pub use signing::{sha256, KeyPair, OpenError, Sealed, TrustedKeys};
 pub use topic::{Topic, TopicFilter};
 pub use types::*;

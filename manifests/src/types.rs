@@ -234,6 +234,10 @@ pub struct DeviceStatus {
 pub struct Presence {
     #[n(0)]
     pub online: bool,
+    /// In the first presence of a session: the counter of the last will the device
+    /// sealed for this session (see [`crate::report`]).
+    #[n(1)]
+    pub will: Option<u64>,
 }
 
 /// Something that happened on a device.

@@ -217,7 +217,10 @@ async fn check_ingest(reg: &Registry) {
     let dev = FakeDevice::connect(&reg.mqtt_url(), &id).await;
     dev.publish(
         Topic::Presence(&id).render(),
-        encode(&Presence { online: true }),
+        encode(&Presence {
+            online: true,
+            will: None,
+        }),
     )
     .await;
     let status = DeviceStatus {
@@ -320,12 +323,102 @@ async fn check_ingest(reg: &Registry) {
     .expect("last will marks the device offline");
 }
 
+/// Registering device keys (all or none, repeatable with the same key, a conflict with
+/// another), listing, revoking and removing them; malformed keys and ids are refused.
+async fn check_device_identities(reg: &Registry) {
+    use reqwest::Method;
+    let api = Api::new(reg);
+    let (a, b) = (unique("id-a"), unique("id-b"));
+    let key = |seed: u8| hex::encode(wpm_manifests::KeyPair::from_seed(&[seed; 32]).public());
+    let register = |devices: serde_json::Value| {
+        api.send(
+            Method::POST,
+            "/v1/devices",
+            Some(json!({ "devices": devices })),
+        )
+    };
+    let (s, r) = register(json!([{"id": a, "public_key": key(1), "groups": ["eu"]},
+                                 {"id": b, "public_key": key(2)}]))
+    .await;
+    assert_eq!((s, r["registered"].as_u64()), (201, Some(2)), "{r}");
+    // Provisioning again with the same key changes nothing.
+    let (s, r) = register(json!([{"id": a, "public_key": key(1), "groups": ["eu"]}])).await;
+    assert_eq!((s, r["already_registered"].as_u64()), (201, Some(1)), "{r}");
+    // Another key for a registered device is refused, and nothing of the request is kept.
+    let c = unique("id-c");
+    let (s, r) = register(json!([{"id": c, "public_key": key(3)},
+                                 {"id": a, "public_key": key(4)}]))
+    .await;
+    assert_eq!(s, 409, "{r}");
+    assert!(r["error"].as_str().unwrap().contains(&a), "{r}");
+    for bad in [
+        json!([{"id": "x/y", "public_key": key(5)}]),
+        json!([{"id": c, "public_key": "abcd"}]),
+        json!([{"id": c, "public_key": key(5), "groups": ["a+b"]}]),
+        json!([{"id": c, "public_key": key(5)}, {"id": c, "public_key": key(5)}]),
+        json!([]),
+    ] {
+        let (s, r) = register(bad.clone()).await;
+        assert_eq!(s, 400, "{bad} -> {r}");
+    }
+    let listed = |r: &serde_json::Value, id: &str| {
+        r["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == id)
+            .cloned()
+    };
+    let (s, r) = api.get("/v1/devices").await;
+    assert_eq!(s, 200);
+    let da = listed(&r, &a).expect("a is listed");
+    assert_eq!(
+        (&da["public_key"], &da["groups"], &da["state"]),
+        (&json!(key(1)), &json!(["eu"]), &json!("active"))
+    );
+    assert!(
+        listed(&r, &c).is_none(),
+        "a refused registration left {c} behind"
+    );
+
+    let (s, _) = api
+        .send(Method::POST, &format!("/v1/devices/{a}/revoke"), None)
+        .await;
+    assert_eq!(s, 200);
+    let (_, r) = api.get("/v1/devices").await;
+    assert_eq!(listed(&r, &a).unwrap()["state"], "revoked");
+    let (s, _) = api
+        .send(Method::POST, &format!("/v1/devices/{c}/revoke"), None)
+        .await;
+    assert_eq!(s, 404);
+
+    let (s, _) = api
+        .send(Method::DELETE, &format!("/v1/devices/{b}"), None)
+        .await;
+    assert_eq!(s, 204);
+    let (s, _) = api
+        .send(Method::DELETE, &format!("/v1/devices/{b}"), None)
+        .await;
+    assert_eq!(s, 404);
+    let (_, r) = api.get("/v1/devices").await;
+    assert!(listed(&r, &b).is_none());
+    // Removed, the device may be provisioned again with a new key.
+    let (s, r) = register(json!([{"id": b, "public_key": key(6)}])).await;
+    assert_eq!(s, 201, "{r}");
+
+    let anonymous = reqwest::get(format!("{}/v1/devices", api.base))
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status().as_u16(), 401);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_embedded_broker() {
     let dir = tempfile::tempdir().unwrap();
     let reg = Registry::start(embedded_config(dir.path())).await.unwrap();
     assert!(reg.mqtt_url().starts_with("mqtt://127.0.0.1:"));
     check_api_basics(&reg).await;
+    check_device_identities(&reg).await;
     check_deploy_publishes(&reg).await;
     check_ingest(&reg).await;
     reg.shutdown().await.unwrap();
@@ -372,6 +465,7 @@ async fn postgres_mosquitto() {
         .unwrap();
     assert_eq!(reg.mqtt_url(), MOSQUITTO);
     check_api_basics(&reg).await;
+    check_device_identities(&reg).await;
     check_deploy_publishes(&reg).await;
     check_ingest(&reg).await;
     reg.shutdown().await.unwrap();

@@ -6,6 +6,7 @@ pub mod command;
 pub mod demo;
 pub mod deploy;
 pub mod fleet;
+pub mod identity;
 pub mod publish;
 pub mod rollout;
 pub mod sim;

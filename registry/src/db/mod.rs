@@ -10,10 +10,11 @@
 //! statement per device, so the registry's cost per device stays flat as the fleet grows.
 //!
 //! One file per resource: [`modules`], [`deployments`], [`devices`] (reports and fleet
-//! views), [`rollouts`].
+//! views), [`identities`] (device keys), [`rollouts`].
 
 mod deployments;
 mod devices;
+mod identities;
 mod modules;
 mod rollouts;
 
@@ -22,6 +23,7 @@ pub use devices::{
     DeviceModule, DeviceView, EventView, EventWrite, FleetFilter, FleetSummary, PresenceWrite,
     StatusWrite, VersionCount,
 };
+pub use identities::{Identity, NewIdentity};
 pub use modules::{InsertOutcome, ModuleRow};
 
 use anyhow::Context as _;

@@ -297,7 +297,10 @@ mod tests {
         assert_eq!(refusal(&elsewhere), Refusal::NotADeviceTopic);
         let off = raw(
             "wpm/v1/device/d/presence",
-            encode(&Presence { online: false }),
+            encode(&Presence {
+                online: false,
+                will: None,
+            }),
             false,
         );
         assert!(matches!(

@@ -138,6 +138,26 @@ impl Api {
         (r.status().as_u16(), r.json().await.unwrap())
     }
 
+    /// Any request with the API token; the answer's status and JSON body (null if none).
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or_default())
+    }
+
     pub async fn deploy(&self, body: serde_json::Value) -> (u16, serde_json::Value) {
         let r = self
             .http
@@ -203,7 +223,10 @@ impl FakeDevice {
         let mut o = mqtt_options(url, id);
         o.set_last_will(LastWill::new(
             wpm_manifests::Topic::Presence(id).render(),
-            wpm_manifests::encode(&wpm_manifests::Presence { online: false }),
+            wpm_manifests::encode(&wpm_manifests::Presence {
+                online: false,
+                will: None,
+            }),
             QoS::AtLeastOnce,
             false,
         ));

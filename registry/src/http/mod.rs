@@ -1,6 +1,8 @@
 //! The HTTP API (see docs/interfaces.md). JSON everywhere; every error is
 //! `{"error": "..."}`.
 
+mod identities;
+
 use crate::db::{self, Db, DesiredChange, InsertOutcome, ModuleRow};
 use crate::deploy::Deployer;
 use crate::ingest::IngestStats;
@@ -69,6 +71,15 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/modules/{name}/{version}", put(upload_module))
         .route("/v1/deployments", get(list_deployments).post(deploy))
         .route("/v1/fleet/status", get(fleet_status))
+        .route(
+            "/v1/devices",
+            get(identities::list).post(identities::register),
+        )
+        .route(
+            "/v1/devices/{id}",
+            axum::routing::delete(identities::remove),
+        )
+        .route("/v1/devices/{id}/revoke", post(identities::revoke))
         .route("/v1/devices/{id}/events", get(device_events))
         .route("/v1/devices/{id}/commands", post(device_command))
         .route("/v1/rollouts", get(list_rollouts).post(create_rollout))
