@@ -279,3 +279,37 @@ impl FreshDatabase {
         }
     }
 }
+
+/// CPU time of the registry and of the broker: the embedded broker's threads inside the
+/// registry process, or the bench's own Mosquitto process.
+pub struct Cost {
+    registry: u32,
+    mosquitto: Option<u32>,
+    at: (f64, f64),
+}
+
+impl Cost {
+    pub fn start(registry: u32, mosquitto: Option<u32>) -> Result<Cost> {
+        let mut c = Cost {
+            registry,
+            mosquitto,
+            at: (0.0, 0.0),
+        };
+        c.at = c.now()?;
+        Ok(c)
+    }
+
+    fn now(&self) -> Result<(f64, f64)> {
+        let (total, threads, _) = process_cost(self.registry, &BROKER_THREADS)?;
+        Ok(match self.mosquitto {
+            Some(pid) => (total, process_cost(pid, &[])?.0),
+            None => (total - threads, threads),
+        })
+    }
+
+    /// (registry CPU, broker CPU) seconds since the start.
+    pub fn since(&self) -> Result<(f64, f64)> {
+        let (r, b) = self.now()?;
+        Ok((r - self.at.0, b - self.at.1))
+    }
+}

@@ -11,6 +11,7 @@ mod child;
 mod fanout;
 mod ingest;
 mod rollout;
+mod rollout_report;
 mod traffic;
 
 use anyhow::{bail, Result};

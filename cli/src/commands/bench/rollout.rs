@@ -21,13 +21,14 @@ use indicatif::ProgressBar;
 use serde_json::{json, Value};
 
 use super::child::{
-    free_port, process_cost, raise_fd_limit, OwnMosquitto, RegistryBroker, RegistryChild,
+    free_port, process_cost, raise_fd_limit, Cost, OwnMosquitto, RegistryBroker, RegistryChild,
     BROKER_THREADS,
 };
+use super::rollout_report::{render, summary_line};
 use super::traffic::{follow_sys, start_relay, Traffic};
 use super::{fanout, module_of_size, BrokerArgs};
 use crate::client::{Client, DeployRequest, PublishOptions};
-use crate::output::{emit, emit_json, human_size};
+use crate::output::{emit, emit_json};
 use crate::GlobalArgs;
 use wpm_manifests::Topic;
 
@@ -181,40 +182,6 @@ fn distribution(probe: &wpm_sim::Probe, spec: &str) -> Option<f64> {
 async fn broker_counters(client: &Client) -> Result<Option<Value>> {
     let h = client.get_query("/v1/health", &[]).await?;
     Ok((!h["broker"].is_null()).then(|| h["broker"].clone()))
-}
-
-/// CPU time of the registry and of the broker: the embedded broker's threads inside the
-/// registry process, or the bench's own Mosquitto process.
-struct Cost {
-    registry: u32,
-    mosquitto: Option<u32>,
-    at: (f64, f64),
-}
-
-impl Cost {
-    fn start(registry: u32, mosquitto: Option<u32>) -> Result<Cost> {
-        let mut c = Cost {
-            registry,
-            mosquitto,
-            at: (0.0, 0.0),
-        };
-        c.at = c.now()?;
-        Ok(c)
-    }
-
-    fn now(&self) -> Result<(f64, f64)> {
-        let (total, threads, _) = process_cost(self.registry, &BROKER_THREADS)?;
-        Ok(match self.mosquitto {
-            Some(pid) => (total, process_cost(pid, &[])?.0),
-            None => (total - threads, threads),
-        })
-    }
-
-    /// (registry CPU, broker CPU) seconds since the start.
-    fn since(&self) -> Result<(f64, f64)> {
-        let (r, b) = self.now()?;
-        Ok((r - self.at.0, b - self.at.1))
-    }
 }
 
 async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
@@ -592,72 +559,4 @@ fn accounted(ingest: &Value) -> u64 {
         .map(|m| m.values().filter_map(Value::as_u64).sum())
         .unwrap_or(0);
     ingest["written"].as_u64().unwrap_or(0) + refused
-}
-
-fn summary_line(i: usize, r: &Value) -> String {
-    format!(
-        "run {i}: deploy {:.1} s (distribution {:.1} s), rollout {:.1} s, reports lost {}",
-        r["deploy"]["total_seconds"].as_f64().unwrap_or(0.0),
-        r["deploy"]["distribution_seconds"].as_f64().unwrap_or(0.0),
-        r["rollout"]["total_seconds"].as_f64().unwrap_or(0.0),
-        r["reports"]["lost"],
-    )
-}
-
-fn render(r: &Value) -> String {
-    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
-    let cpu = |v: &Value| {
-        format!(
-            "registry {:.2} s + broker {:.2} s",
-            f(&v["registry"]),
-            f(&v["broker"])
-        )
-    };
-    let bytes = |v: &Value| v.as_u64().map_or("n/a".to_string(), human_size);
-    let ratio = |v: &Value| v.as_f64().map_or("n/a".to_string(), |x| format!("{x:.2}"));
-    format!(
-        "{} module to {} devices via {} ({} database), health window {} turn(s)\n\
-         \x20 one-shot group deploy         {:.1} s total: distribution {:.1} s, confirmation {:.1} s\n\
-         \x20 staged rollout {:<14} {:.1} s total (stages started at {}), distribution {:.1} s\n\
-         \x20 raw fan-out of the same bytes fetch (device pattern) {} s, push {} s\n\
-         \x20 deploy distribution / raw     {} (fetch), {} (push)\n\
-         \x20 device reports                {} sent, {} written or refused, {} lost ({} more: last wills of {} dropped links)\n\
-         \x20 rollout traffic ({})\n\
-         \x20   broker → devices            {} messages, {}\n\
-         \x20   devices → broker            {} messages, {}\n\
-         \x20 CPU per 1,000 devices         deploy: {}; rollout: {}\n\
-         \x20 registry peak memory          {}\n\
-         \x20 fleet summary answered in     {} ms median, {} ms at most",
-        human_size(r["module_size"].as_u64().unwrap_or(0)),
-        r["devices"],
-        r["broker"].as_str().unwrap_or("?"),
-        r["database"].as_str().unwrap_or("?"),
-        r["health_turns"],
-        f(&r["deploy"]["total_seconds"]),
-        f(&r["deploy"]["distribution_seconds"]),
-        f(&r["deploy"]["confirmation_seconds"]),
-        r["stages"].to_string(),
-        f(&r["rollout"]["total_seconds"]),
-        r["rollout"]["stage_start_seconds"],
-        f(&r["rollout"]["distribution_seconds"]),
-        ratio(&r["raw_fanout"]["fetch_seconds"]),
-        ratio(&r["raw_fanout"]["push_seconds"]),
-        ratio(&r["ratios"]["deploy_distribution_over_fetch"]),
-        ratio(&r["ratios"]["deploy_distribution_over_push"]),
-        r["reports"]["sent_by_devices"],
-        r["reports"]["written_or_refused_by_registry"],
-        r["reports"]["lost"],
-        r["reports"]["extra"],
-        r["reports"]["device_link_drops"],
-        r["rollout_traffic"]["counted_at"].as_str().unwrap_or("?"),
-        r["rollout_traffic"]["to_devices"]["messages"],
-        bytes(&r["rollout_traffic"]["to_devices"]["bytes"]),
-        r["rollout_traffic"]["from_devices"]["messages"],
-        bytes(&r["rollout_traffic"]["from_devices"]["bytes"]),
-        cpu(&r["deploy"]["cpu_seconds_per_1000_devices"]),
-        cpu(&r["rollout"]["cpu_seconds_per_1000_devices"]),
-        human_size(r["registry_peak_rss_bytes"].as_u64().unwrap_or(0)),
-        ratio(&r["fleet_summary_latency"]["median_ms"]),
-        ratio(&r["fleet_summary_latency"]["max_ms"]),
-    )
 }
