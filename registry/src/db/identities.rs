@@ -1,6 +1,5 @@
-//! Device identities: the ed25519 public key each device was provisioned with, its state
-//! (active or revoked) and the replay check's high-water mark (kept for the ingest's
-//! check of authenticated reports, which is not built yet).
+//! Device identities: the ed25519 public key each device was provisioned with, and
+//! whether it is revoked.
 
 use super::{list, placeholders, Db, ROWS_PER_STATEMENT};
 use sqlx::any::AnyRow;
@@ -16,8 +15,6 @@ pub struct Identity {
     pub registered_at: i64,
     /// When it was revoked.
     pub revoked_at: Option<i64>,
-    /// The highest report counter accepted from it (0: none yet).
-    pub report_counter: u64,
 }
 
 /// A device to register.
@@ -28,7 +25,7 @@ pub struct NewIdentity {
     pub groups: Vec<String>,
 }
 
-const COLUMNS: &str = "id, public_key, groups_json, registered_at, revoked_at, report_counter";
+const COLUMNS: &str = "id, public_key, groups_json, registered_at, revoked_at";
 
 fn identity_from_row(r: &AnyRow) -> anyhow::Result<Identity> {
     let key: Vec<u8> = r.try_get("public_key")?;
@@ -40,7 +37,6 @@ fn identity_from_row(r: &AnyRow) -> anyhow::Result<Identity> {
         groups: serde_json::from_str(&r.try_get::<String, _>("groups_json")?)?,
         registered_at: r.try_get("registered_at")?,
         revoked_at: r.try_get("revoked_at")?,
-        report_counter: u64::try_from(r.try_get::<i64, _>("report_counter")?)?,
     })
 }
 
@@ -111,26 +107,6 @@ impl Db {
         .iter()
         .map(identity_from_row)
         .collect()
-    }
-
-    /// The registered devices among `ids`.
-    pub async fn identities_of(&self, ids: &[&str]) -> anyhow::Result<HashMap<String, Identity>> {
-        let mut found = HashMap::new();
-        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "SELECT {COLUMNS} FROM device_identities WHERE id IN ({})",
-                list(chunk.len(), 1)
-            );
-            let mut q = self.statement(sql);
-            for id in chunk {
-                q = q.bind(*id);
-            }
-            for r in q.fetch_all(&self.pool).await? {
-                let i = identity_from_row(&r)?;
-                found.insert(i.id.clone(), i);
-            }
-        }
-        Ok(found)
     }
 
     /// Revokes a device. False if it is not registered; revoking twice keeps the first
