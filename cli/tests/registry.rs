@@ -248,10 +248,12 @@ async fn simulated_devices_install_what_the_cli_deploys() {
     let url = registry.http_url();
     std::fs::write(cwd.join("hello.wat"), HELLO_WAT).unwrap();
 
-    let mut cfg = wpm_sim::FleetConfig::new(registry.mqtt_url(), vec![registry.public_key()]);
+    let mut cfg =
+        wpm_sim::FleetConfig::new(registry.mqtt_url(), vec![registry.public_key()], [3; 32]);
     cfg.devices = 2;
     cfg.groups = vec!["field".into()];
     cfg.id_prefix = "t".into();
+    register_fleet(&registry, &cfg).await;
     let fleet = wpm_sim::Fleet::start(cfg)
         .await
         .expect("simulated devices start");
@@ -514,4 +516,21 @@ async fn demo_runs_the_whole_system_until_ctrl_c() {
     let err = stderr_task.await.unwrap();
     assert!(status.success(), "demo exit {status}:\n{err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Registers a simulated fleet's device keys, as `wpm sim` does before it starts one.
+async fn register_fleet(registry: &wpm_registry::Registry, cfg: &wpm_sim::FleetConfig) {
+    let devices: Vec<Value> = cfg
+        .identities()
+        .into_iter()
+        .map(|(id, key)| serde_json::json!({"id": id, "public_key": hex::encode(key), "groups": cfg.groups}))
+        .collect();
+    let answer = reqwest::Client::new()
+        .post(format!("{}/v1/devices", registry.http_url()))
+        .bearer_auth(registry.token())
+        .json(&serde_json::json!({ "devices": devices }))
+        .send()
+        .await
+        .expect("registry answers");
+    assert!(answer.status().is_success(), "{}", answer.status());
 }

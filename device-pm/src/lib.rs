@@ -37,6 +37,7 @@
 extern crate alloc;
 
 pub mod download;
+mod reporter;
 pub mod runtime;
 pub mod sim_flash;
 pub mod snapshot;
@@ -49,12 +50,13 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use download::{Download, Rejection};
 use embedded_storage::nor_flash::NorFlash;
+use reporter::Reporter;
 use runtime::{HostCall, Instance, Runtime, Slice};
 use snapshot::Snapshot;
 use store::{Installed, PinOverride, Refused, Staging, Store};
 use wpm_manifests::{
     Action, Chunk, Command, Deployment, DeviceStatus, Event, EventKind, HealthWindow,
-    ModuleManifest, ModuleRef, ModuleState, ModuleStatus, Presence, Target, Topic, TrustedKeys,
+    ModuleManifest, ModuleRef, ModuleState, ModuleStatus, ReportBody, Target, Topic, TrustedKeys,
 };
 
 pub use store::StoreError;
@@ -66,6 +68,10 @@ pub struct Config {
     pub device_id: String,
     pub groups: Vec<String>,
     pub trusted_keys: Vec<[u8; 32]>,
+    /// The secret seed of the device's own ed25519 key (its identity, from the
+    /// provisioning record; the registry holds the public half). Every report the
+    /// device publishes is sealed with it.
+    pub device_key: [u8; 32],
     /// Slots, chunk window and intervals. `tuning.slots` is the most wasmi runtime
     /// slots; fewer are used when the modules' RAM reservations (see
     /// [`Limits::ram_budget`]) do not fit.
@@ -157,6 +163,7 @@ pub struct Device<F> {
     config: Config,
     limits: Limits,
     keys: TrustedKeys,
+    reporter: Reporter,
     deploy_topics: Vec<String>,
     store: Store<F>,
     runtime: Runtime,
@@ -206,13 +213,20 @@ impl<F: NorFlash> Device<F> {
         flash: F,
         now_ms: u64,
     ) -> Result<Self, StoreError> {
-        let store = Store::open(flash, limits.bank_size)?;
+        let mut store = Store::open(flash, limits.bank_size)?;
+        // One state write per boot keeps report counters above every earlier boot's.
+        store.update(|s| s.report_epoch = s.report_epoch.saturating_add(1))?;
         let mut targets = alloc::vec![Target::Fleet];
         targets.extend(config.groups.iter().cloned().map(Target::Group));
         targets.push(Target::Device(config.device_id.clone()));
         let command_topic = Topic::Command(&config.device_id).render();
         let mut device = Self {
             keys: TrustedKeys::new(&config.trusted_keys),
+            reporter: Reporter::new(
+                config.device_id.clone(),
+                &config.device_key,
+                store.state().report_epoch,
+            ),
             deploy_topics: targets
                 .iter()
                 .map(|t| Topic::Deployment(t).render())
@@ -270,15 +284,29 @@ impl<F: NorFlash> Device<F> {
         [turn, status, download].into_iter().flatten().min()
     }
 
-    /// The MQTT last will: presence topic and CBOR `Presence { online: false }`.
-    pub fn last_will(&self) -> (String, Vec<u8>) {
-        (
+    /// The MQTT last will for the next connection: the presence topic and a sealed
+    /// `Presence { online: false }`. Call it once per connection, before connecting:
+    /// the session's first presence announces this will, and the registry accepts
+    /// only the will announced last.
+    ///
+    /// # Errors
+    /// The flash did not take the next report epoch (after 2³² reports in one boot).
+    pub fn last_will(&mut self) -> Result<(String, Vec<u8>), StoreError> {
+        self.keep_counting()?;
+        Ok((
             Topic::Presence(&self.config.device_id).render(),
-            wpm_manifests::encode(&Presence {
-                online: false,
-                will: None,
-            }),
-        )
+            self.reporter.seal_will(),
+        ))
+    }
+
+    /// Moves to the next report epoch when this one's counters are used up.
+    fn keep_counting(&mut self) -> Result<(), StoreError> {
+        if self.reporter.exhausted() {
+            self.store
+                .update(|s| s.report_epoch = s.report_epoch.saturating_add(1))?;
+            self.reporter.start_epoch(self.store.state().report_epoch);
+        }
+        Ok(())
     }
 
     pub fn status(&self) -> DeviceStatus {
@@ -400,14 +428,20 @@ impl<F: NorFlash> Device<F> {
         self.emit(Output::Unsubscribe { topic });
     }
 
-    fn publish(&mut self, topic: String, payload: Vec<u8>, retain: bool) {
-        if self.link_up {
-            self.emit(Output::Publish {
-                topic,
-                payload,
-                retain,
-            });
+    /// Seals and publishes a report; nothing (and no counter) while the link is down.
+    fn report(&mut self, topic: String, body: ReportBody, retain: bool) {
+        if !self.link_up {
+            return;
         }
+        if let Err(e) = self.keep_counting() {
+            return self.device_error(format!("report not sent: {e:?}"));
+        }
+        let payload = self.reporter.seal(body);
+        self.emit(Output::Publish {
+            topic,
+            payload,
+            retain,
+        });
     }
 
     fn event(&mut self, kind: EventKind) {
@@ -417,14 +451,14 @@ impl<F: NorFlash> Device<F> {
             kind,
         };
         let topic = Topic::Events(&self.config.device_id).render();
-        self.publish(topic, wpm_manifests::encode(&event), false);
+        self.report(topic, ReportBody::Event(event), false);
         self.status_dirty = true;
     }
 
     fn publish_status(&mut self) {
-        let status = wpm_manifests::encode(&self.status());
+        let status = ReportBody::Status(self.status());
         let topic = Topic::Status(&self.config.device_id).render();
-        self.publish(topic, status, true);
+        self.report(topic, status, true);
         self.status_dirty = false;
         self.next_status_ms = self.now_ms + self.config.tuning.status_interval_ms;
     }
@@ -450,7 +484,7 @@ impl<F: NorFlash> Device<F> {
                 }),
                 HostCall::Telemetry(bytes) => {
                     let topic = Topic::Telemetry(&self.config.device_id, module).render();
-                    self.publish(topic, bytes, false);
+                    self.report(topic, ReportBody::Telemetry(bytes.into()), false);
                 }
             }
         }
@@ -465,14 +499,7 @@ impl<F: NorFlash> Device<F> {
         }
         self.subscribe(self.command_topic.clone());
         let presence = Topic::Presence(&self.config.device_id).render();
-        self.publish(
-            presence,
-            wpm_manifests::encode(&Presence {
-                online: true,
-                will: None,
-            }),
-            true,
-        );
+        self.report(presence, self.reporter.online(), true);
         self.status_dirty = true;
         if let Some(d) = &mut self.download {
             d.link_lost();
@@ -551,11 +578,12 @@ impl<F: NorFlash> Device<F> {
             return; // The retained copy of what is already accepted.
         }
         if deployment.sequence < accepted {
+            // Reported, but not the device's error: the running set is as accepted.
             if self.reported_replays.insert(deployment.sequence) {
-                self.reject_manifest(format!(
-                    "replayed manifest: sequence {} is older than accepted {accepted}",
-                    deployment.sequence
-                ));
+                self.event(EventKind::ManifestReplayed {
+                    sequence: deployment.sequence,
+                    accepted,
+                });
             }
             return;
         }

@@ -191,6 +191,11 @@ pub struct State {
     /// The accepted deployment's health window (`None`: the default).
     #[n(11)]
     pub health: Option<wpm_manifests::HealthWindow>,
+    /// The high half of this boot's report counters (see `reporter.rs`): one more at
+    /// every boot, so no report counter is ever used twice.
+    #[n(12)]
+    #[cbor(default)]
+    pub report_epoch: u32,
 }
 
 impl State {
@@ -208,6 +213,7 @@ impl State {
             stopped: Vec::new(),
             pins: Vec::new(),
             health: None,
+            report_epoch: 0,
         }
     }
 

@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use wpm_device_pm::runtime::MAX_SLICES_PER_CALL;
 use wpm_device_pm::{Input, Output};
-use wpm_manifests::{golden, EventKind, KeyPair, Presence, Topic};
+use wpm_manifests::{golden, EventKind, KeyPair, Presence, ReportBody, Topic};
 
 fn rejected(w: &World) -> Vec<String> {
     w.events()
@@ -39,23 +39,27 @@ fn installs_and_runs_a_module() {
     ] {
         assert_eq!(w.subscriptions.get(t), Some(&1), "{t}");
     }
+    // The session's presence announces the will sealed for it, before it.
     let presence = Topic::Presence(DEVICE).render();
-    assert_eq!(
-        wpm_manifests::decode::<Presence>(&w.retained[&presence]).unwrap(),
-        Presence {
-            online: true,
-            will: None
-        }
-    );
-    let (will_topic, will) = w.dev().last_will();
+    let (will_topic, will) = w.will.clone().unwrap();
     assert_eq!(will_topic, presence);
+    let will = report(&will);
+    let online = report(&w.retained[&presence]);
     assert_eq!(
-        wpm_manifests::decode::<Presence>(&will).unwrap(),
-        Presence {
+        will.body,
+        ReportBody::Presence(Presence {
             online: false,
             will: None
-        }
+        })
     );
+    assert_eq!(
+        online.body,
+        ReportBody::Presence(Presence {
+            online: true,
+            will: Some(will.counter)
+        })
+    );
+    assert!(will.counter < online.counter);
 
     let wasm = wasm("v1", 0, "");
     let m = w.publish_module("hello", "1.0.0", &wasm);
@@ -99,9 +103,7 @@ fn installs_and_runs_a_module() {
     assert!(status.ram_free < LIMITS.ram_budget - 65536);
     assert_eq!(status.last_error, None);
     // Two turns in, the health check (HEALTH_TURNS = 3) is still under way.
-    let published = |w: &World| -> wpm_manifests::DeviceStatus {
-        wpm_manifests::decode(&w.retained[&Topic::Status(DEVICE).render()]).unwrap()
-    };
+    let published = published_status;
     assert_eq!(
         published(&w).modules[0].state,
         wpm_manifests::ModuleState::Verifying
@@ -227,7 +229,7 @@ fn manifest_signed_by_another_key_is_refused_and_v1_keeps_running() {
 }
 
 #[test]
-fn replayed_manifest_is_refused_once_and_the_same_one_is_ignored() {
+fn replayed_manifest_is_ignored_and_reported_once_without_an_error() {
     let (mut w, v1) = running_v1();
     let old = w.deployment(vec![]); // sequence 2
     let current = w.deployment(vec![v1.clone()]); // sequence 3
@@ -240,15 +242,19 @@ fn replayed_manifest_is_refused_once_and_the_same_one_is_ignored() {
     // The retained copy again: silently ignored.
     w.deploy_signed(&golden::key(), &current);
     assert_eq!(w.events(), vec![]);
-    // An older one, twice: refused, reported once.
+    // An older one, twice: ignored, reported once, and not an error of the device.
     w.deploy_signed(&golden::key(), &old);
     w.deploy_signed(&golden::key(), &old);
     assert_eq!(
-        rejected(&w),
-        vec!["replayed manifest: sequence 2 is older than accepted 3".to_string()]
+        w.events(),
+        vec![EventKind::ManifestReplayed {
+            sequence: 2,
+            accepted: 3
+        }]
     );
     assert_eq!(w.modules(), vec![module_state("hello", "1.0.0", "running")]);
     assert_eq!(w.dev().status().sequence, 3);
+    assert_eq!(w.dev().status().last_error, None);
 }
 
 #[test]
@@ -484,4 +490,43 @@ fn module_manifest_that_disagrees_with_the_deployment_is_refused() {
         reasons[0]
     );
     assert_eq!(w.modules(), vec![module_state("hello", "1.0.0", "failed")]);
+}
+
+#[test]
+fn every_report_is_sealed_by_the_device_and_counters_grow_across_reboots() {
+    let (mut w, _) = running_v1();
+    w.advance(TURN_MS * 3);
+    w.reboot();
+    w.advance(TURN_MS * 3);
+    w.reboot();
+    w.command(wpm_manifests::Action::Pin("hello".into()));
+    w.advance(TURN_MS * 3);
+    let mut last = None;
+    let mut kinds = std::collections::HashSet::new();
+    for out in &w.sent {
+        if let Output::Publish { payload, .. } = out {
+            // Each opens with the device's key (a panic otherwise) and names the device.
+            let r = report(payload);
+            assert_eq!(r.device, DEVICE);
+            assert!(
+                last.is_none_or(|l| r.counter > l),
+                "{} after {last:?}",
+                r.counter
+            );
+            last = Some(r.counter);
+            kinds.insert(std::mem::discriminant(&r.body));
+        }
+    }
+    // Status, events, presence and telemetry were all among them.
+    assert_eq!(kinds.len(), 4);
+}
+
+#[test]
+fn a_report_sealed_with_another_key_does_not_open_as_this_device() {
+    let w = World::new();
+    let presence = &w.retained[&Topic::Presence(DEVICE).render()];
+    let other = KeyPair::from_seed(&[0xEE; 32]).public();
+    assert!(wpm_manifests::TrustedKeys::new(&[other])
+        .open::<wpm_manifests::Report>(presence)
+        .is_err());
 }

@@ -172,8 +172,7 @@ fn lifecycle_commands_stop_start_pin_and_evict() {
     w.advance(TURN_MS);
     assert_eq!(counts(&w, "counter"), [3]);
     // The retained status is fresh after each command.
-    let status = &w.retained[&wpm_manifests::Topic::Status(DEVICE).render()];
-    let status: wpm_manifests::DeviceStatus = wpm_manifests::decode(status).unwrap();
+    let status = published_status(&w);
     assert_eq!(status.modules[0].state, wpm_manifests::ModuleState::Running);
 }
 

@@ -118,6 +118,26 @@ impl Api {
             .await
     }
 
+    /// Registers the devices of a simulated fleet (ids, public keys, groups) as
+    /// `wpm device import` does; registering them again is harmless.
+    pub async fn register_fleet(&self, config: &wpm_sim::FleetConfig) -> Result<()> {
+        let devices: Vec<Value> = config
+            .identities()
+            .into_iter()
+            .map(|(id, key)| json!({"id": id, "public_key": hex::encode(key), "groups": config.groups}))
+            .collect();
+        self.post("/v1/devices", json!({ "devices": devices }))
+            .await?
+            .ok()?;
+        Ok(())
+    }
+
+    /// Registers a simulated fleet, then boots it.
+    pub async fn start_fleet(&self, config: wpm_sim::FleetConfig) -> Result<wpm_sim::Fleet> {
+        self.register_fleet(&config).await?;
+        wpm_sim::Fleet::start(config).await
+    }
+
     /// Starts a rollout of `module@version` to `group` in `stages` (percentages) that
     /// halts on the first failure; returns its id.
     pub async fn create_rollout(

@@ -37,6 +37,13 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", hex::encode(b))
 }
 
+/// A fresh secret for a simulated fleet's device keys.
+pub fn identity_secret() -> [u8; 32] {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).unwrap();
+    b
+}
+
 pub fn port_open(port: u16) -> bool {
     TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(300)).is_ok()
 }
@@ -158,8 +165,11 @@ impl Env {
 
     /// Configuration for `n` simulated devices in `group`, trusting this registry.
     pub fn fleet_config(&self, n: usize, group: &str) -> wpm_sim::FleetConfig {
-        let mut config =
-            wpm_sim::FleetConfig::new(self.mqtt_url.clone(), vec![self.registry.public_key()]);
+        let mut config = wpm_sim::FleetConfig::new(
+            self.mqtt_url.clone(),
+            vec![self.registry.public_key()],
+            identity_secret(),
+        );
         config.devices = n;
         config.groups = vec![group.to_string()];
         config.id_prefix = unique("dev");

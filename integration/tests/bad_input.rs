@@ -37,7 +37,7 @@ async fn device_refuses_bad_manifests_and_chunks() -> anyhow::Result<()> {
     let mut wire = Mqtt::connect(&env.mqtt_url).await?;
 
     let [_, v2] = env.api.publish_hello().await?;
-    let fleet = wpm_sim::Fleet::start(config.clone()).await?;
+    let fleet = env.api.start_fleet(config.clone()).await?;
     env.api.deploy("hello", "1.0.0", &group).await?.ok()?;
     env.api
         .wait_running(std::slice::from_ref(&device), "hello", "1.0.0", WAIT)
@@ -104,7 +104,7 @@ async fn device_refuses_bad_manifests_and_chunks() -> anyhow::Result<()> {
     wire.publish(&chunk_topic, wpm_manifests::encode(&chunk), true)
         .await?;
 
-    let fleet = wpm_sim::Fleet::start(config.clone()).await?;
+    let fleet = env.api.start_fleet(config.clone()).await?;
     env.api
         .wait_event(&device, "chunk_rejected", "", WAIT)
         .await?;
@@ -126,7 +126,7 @@ async fn device_refuses_bad_manifests_and_chunks() -> anyhow::Result<()> {
     // The v1 manifest replayed: an attempt to roll the device back.
     wire.publish(&group_topic, genuine_v1, false).await?;
     env.api
-        .wait_event(&device, "manifest_rejected", "replay", WAIT)
+        .wait_event(&device, "manifest_replayed", "\"accepted\"", WAIT)
         .await?;
     still_runs(&env, &device, "2.0.0").await?;
 

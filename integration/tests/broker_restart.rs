@@ -13,7 +13,7 @@ async fn rollout_survives_a_broker_restart() -> anyhow::Result<()> {
     let mut broker = OwnMosquitto::start()?;
     let env = Env::start(Backend::BrokerSqlite(broker.url())).await?;
     let group = unique("restart");
-    let fleet = wpm_sim::Fleet::start(env.fleet_config(8, &group)).await?;
+    let fleet = env.api.start_fleet(env.fleet_config(8, &group)).await?;
     let devices = fleet.device_ids().to_vec();
     env.api.publish_hello().await?;
     env.api.deploy("hello", "1.0.0", &group).await?.ok()?;

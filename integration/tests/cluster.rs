@@ -7,8 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 use wpm_integration::{
-    cli_binary, example, port_open, postgres_database, shared_data_dir, unique, wait_for, Child,
-    Replica,
+    cli_binary, example, identity_secret, port_open, postgres_database, shared_data_dir, unique,
+    wait_for, Child, Replica,
 };
 
 const CONVERGE: Duration = Duration::from_secs(180);
@@ -155,13 +155,13 @@ async fn a_rollout_completes_and_loses_nothing_when_a_broker_node_dies() -> anyh
     let mut devices_of = Vec::new();
     for n in &nodes {
         let probe = Arc::new(wpm_sim::Probe::default());
-        let mut config = wpm_sim::FleetConfig::new(n.device_url(), vec![key]);
+        let mut config = wpm_sim::FleetConfig::new(n.device_url(), vec![key], identity_secret());
         config.devices = DEVICES_PER_NODE;
         config.groups = vec![group.clone()];
         config.id_prefix = unique(&format!("node{}", n.id));
         config.tuning.turn_interval_ms = 200;
         config.probe = Some(probe.clone());
-        let fleet = wpm_sim::Fleet::start(config).await?;
+        let fleet = api.start_fleet(config).await?;
         devices_of.push(fleet.device_ids().to_vec());
         fleets.push(fleet);
         probes.push(probe);

@@ -45,7 +45,7 @@ async fn module_state(api: &Api, device: &str) -> anyhow::Result<String> {
 async fn stop_and_start(backend: Backend) -> anyhow::Result<()> {
     let env = Env::start(backend).await?;
     let group = unique("cmd");
-    let fleet = wpm_sim::Fleet::start(env.fleet_config(1, &group)).await?;
+    let fleet = env.api.start_fleet(env.fleet_config(1, &group)).await?;
     let device = fleet.device_ids()[0].clone();
     env.api
         .publish("hello", "1.0.0", example("hello/v1.wat"))

@@ -10,7 +10,7 @@ const CONVERGE: Duration = Duration::from_secs(90);
 async fn publish_deploy_upgrade(backend: Backend) -> anyhow::Result<()> {
     let env = Env::start(backend).await?;
     let group = unique("e2e");
-    let fleet = wpm_sim::Fleet::start(env.fleet_config(3, &group)).await?;
+    let fleet = env.api.start_fleet(env.fleet_config(3, &group)).await?;
     let devices = fleet.device_ids().to_vec();
     let telemetry = Telemetry::watch(&env.mqtt_url, "hello").await?;
 

@@ -15,7 +15,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use wpm_integration::{unique, Backend, Env};
+use wpm_integration::{cli_binary, unique, Backend, Env};
 
 /// wasmi under TCG emulation is slower than the simulator, and QEMU's device turns once
 /// a second (3 turns of health check per upgrade): generous.
@@ -50,8 +50,21 @@ fn firmware_cargo(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// The provisioning record for the QEMU device, written by the firmware's own tool.
-fn provision(out: &Path, device: &str, group: &str, key: &[u8; 32], port: u16) -> Result<()> {
+/// Provisions the QEMU device as an operator would: `wpm device add` makes its key pair
+/// and registers the public half, then the firmware's own tool turns the record into
+/// the flash region.
+fn provision(out: &Path, env: &Env, device: &str, group: &str, port: u16) -> Result<()> {
+    let record = out.with_extension("json");
+    let status = Command::new(cli_binary()?)
+        .args(["device", "add", device, "--group", group, "--out"])
+        .arg(&record)
+        .args(["--registry", &env.registry.http_url()])
+        .args(["--token", env.registry.token()])
+        .status()
+        .context("running wpm device add")?;
+    if !status.success() {
+        bail!("wpm device add failed ({status})");
+    }
     firmware_cargo(&[
         "build",
         "--release",
@@ -64,8 +77,8 @@ fn provision(out: &Path, device: &str, group: &str, key: &[u8; 32], port: u16) -
     let tool = firmware_dir().join("target/x86_64-unknown-linux-gnu/release/wpm-provision");
     let broker = format!("10.0.2.2:{port}");
     let status = Command::new(&tool)
-        .args(["--device", device, "--group", group, "--key"])
-        .arg(hex::encode(key))
+        .arg("--record")
+        .arg(&record)
         .args(["--broker", &broker, "--out"])
         .arg(out)
         .status()
@@ -150,10 +163,10 @@ async fn qemu_device_installs_and_upgrades_with_the_fleet() -> Result<()> {
     let group = unique("qemu");
     let dir = tempfile::tempdir()?;
     let prov = dir.path().join("prov.bin");
-    provision(&prov, "qemu-0", &group, &env.registry.public_key(), port)?;
+    provision(&prov, &env, "qemu-0", &group, port)?;
     let mut qemu = boot(&elf, &prov)?;
 
-    let fleet = wpm_sim::Fleet::start(env.fleet_config(3, &group)).await?;
+    let fleet = env.api.start_fleet(env.fleet_config(3, &group)).await?;
     let mut devices = fleet.device_ids().to_vec();
     devices.push("qemu-0".to_string());
 

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 use wpm_integration::{
-    example, mosquitto, postgres_database, shared_data_dir, unique, Mqtt, Replica,
+    example, identity_secret, mosquitto, postgres_database, shared_data_dir, unique, Mqtt, Replica,
 };
 
 const CONVERGE: Duration = Duration::from_secs(120);
@@ -43,12 +43,12 @@ async fn two_replicas_share_ingest_and_survive_a_kill() -> anyhow::Result<()> {
     let key = replicas[0].api.public_key().await?;
 
     let group = unique("rep");
-    let mut config = wpm_sim::FleetConfig::new(mosquitto()?, vec![key]);
+    let mut config = wpm_sim::FleetConfig::new(mosquitto()?, vec![key], identity_secret());
     config.devices = 6;
     config.groups = vec![group.clone()];
     config.id_prefix = unique("dev");
     config.tuning.turn_interval_ms = 200;
-    let fleet = wpm_sim::Fleet::start(config).await?;
+    let fleet = replicas[0].api.start_fleet(config).await?;
     let devices = fleet.device_ids().to_vec();
 
     let a = replicas[0].api.clone();

@@ -26,7 +26,7 @@ fn devices_by_stage(r: &Value) -> Vec<(String, i64, String)> {
 async fn staged_rollouts(backend: Backend) -> anyhow::Result<()> {
     let env = Env::start(backend).await?;
     let group = unique("ro");
-    let fleet = wpm_sim::Fleet::start(env.fleet_config(4, &group)).await?;
+    let fleet = env.api.start_fleet(env.fleet_config(4, &group)).await?;
     let devices = fleet.device_ids().to_vec();
     for (v, file) in [
         ("1.0.0", "hello/v1.wat"),

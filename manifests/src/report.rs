@@ -50,6 +50,20 @@ pub enum ReportBody {
     Telemetry(#[n(0)] ByteVec),
 }
 
+impl Report {
+    /// Reads a sealed report without checking who sealed it: for counting and display by
+    /// tools that hold no device keys (the simulator's probe, the demo's telemetry
+    /// view). Nothing may decide on what it returns; the registry opens reports with
+    /// [`TrustedKeys::open`](crate::TrustedKeys::open) and the device's key.
+    ///
+    /// # Errors
+    /// The envelope or the report is not valid CBOR of their shapes.
+    pub fn read_unverified(payload: &[u8]) -> Result<Report, crate::DecodeError> {
+        let sealed: crate::Sealed = crate::decode(payload)?;
+        crate::decode(&sealed.body)
+    }
+}
+
 impl SignedBody for Report {
     const CONTEXT: &'static [u8] = b"wpm/v1/report\0";
 }

@@ -83,6 +83,18 @@ pub enum DeviceTopic<'a> {
     Telemetry(&'a str, &'a str),
 }
 
+impl<'a> DeviceTopic<'a> {
+    /// The device the topic belongs to.
+    pub fn device(&self) -> &'a str {
+        match self {
+            DeviceTopic::Status(d)
+            | DeviceTopic::Presence(d)
+            | DeviceTopic::Events(d)
+            | DeviceTopic::Telemetry(d, _) => d,
+        }
+    }
+}
+
 /// Parses `wpm/v1/device/...` topics; `None` for anything else.
 pub fn parse_device_topic(topic: &str) -> Option<DeviceTopic<'_>> {
     let rest = topic.strip_prefix(PREFIX)?.strip_prefix("/device/")?;

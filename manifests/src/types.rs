@@ -388,6 +388,16 @@ pub enum EventKind {
         #[n(3)]
         reason: String,
     },
+    /// A deployment older than the accepted one arrived (a retained copy seen again, or
+    /// a replay) and was ignored. Not an error of the device or of a rollout: its own
+    /// kind, so that nothing has to read it out of a free-text reason.
+    #[n(15)]
+    ManifestReplayed {
+        #[n(0)]
+        sequence: u64,
+        #[n(1)]
+        accepted: u64,
+    },
 }
 
 /// What an operator can ask of one module on one device.
@@ -460,6 +470,7 @@ impl EventKind {
         match self {
             EventKind::ManifestAccepted { .. } => "manifest_accepted",
             EventKind::ManifestRejected { .. } => "manifest_rejected",
+            EventKind::ManifestReplayed { .. } => "manifest_replayed",
             EventKind::DownloadProgress { .. } => "download_progress",
             EventKind::ChunkRejected { .. } => "chunk_rejected",
             EventKind::Installed { .. } => "installed",

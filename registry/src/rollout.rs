@@ -40,7 +40,7 @@ const FULL_PASS_MS: i64 = 10_000;
 const LEASE: &str = "rollout-controller";
 
 /// Event kinds that fail a device's update when they name the rollout's module version.
-/// (A `manifest_rejected` that is not a replay fails it too; see [`Db::judge_updating`].)
+/// (A `manifest_rejected` fails it too, whatever it names; see [`Db::judge_updating`].)
 pub(crate) const FAILURE_KINDS: [&str; 3] = ["install_failed", "rolled_back", "trapped"];
 
 use crate::db::Db;

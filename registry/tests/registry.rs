@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 use wpm_manifests::{
     decode, encode, sha256, Chunk, Deployment, DeviceStatus, Event, EventKind, ModuleManifest,
-    ModuleState, ModuleStatus, Presence, Target, Topic, TrustedKeys,
+    ModuleState, ModuleStatus, Presence, ReportBody, Target, Topic, TrustedKeys,
 };
 use wpm_registry::Registry;
 
@@ -208,22 +208,49 @@ async fn check_retained(reg: &Registry, group: &str, sequence: u64, modules: &[(
     assert!(stranger.open::<Deployment>(&got[&deploy_topic]).is_err());
 }
 
-/// A fake device reports status and events; they show up in the fleet view. Garbage is
-/// counted, not fatal; the last will marks the device offline.
+/// Refusals counted so far for `reason` (`/v1/health`).
+async fn refused(api: &Api, reason: &str) -> u64 {
+    let (_, h) = api.get("/v1/health").await;
+    h["ingest"]["refused"][reason]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no refusal count for {reason} in {h}"))
+}
+
+/// Waits until `reason` was counted more than `before` times.
+async fn counted(api: &Api, reason: &str, before: u64) {
+    eventually(WAIT, || async {
+        (refused(api, reason).await > before).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("{reason} not counted"));
+}
+
+fn fleet_device(fleet: &serde_json::Value, id: &str) -> Option<serde_json::Value> {
+    fleet["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == id)
+        .cloned()
+}
+
+/// A registered device's sealed reports show up in the fleet view; what its key did not
+/// seal, what was seen before, and what an unregistered or revoked device says are
+/// counted and dropped; the announced last will marks the device offline.
 async fn check_ingest(reg: &Registry) {
     let api = Api::new(reg);
     let id = unique("dev");
     let group = unique("grp");
-    let dev = FakeDevice::connect(&reg.mqtt_url(), &id).await;
-    dev.publish(
+    let dev = FakeDevice::connect(reg, &id).await;
+    dev.report(
         Topic::Presence(&id).render(),
-        encode(&Presence {
+        ReportBody::Presence(Presence {
             online: true,
-            will: None,
+            will: Some(1),
         }),
     )
     .await;
-    let status = DeviceStatus {
+    let mut status = DeviceStatus {
         device: id.clone(),
         groups: vec![group.clone()],
         sequence: 7,
@@ -241,7 +268,8 @@ async fn check_ingest(reg: &Registry) {
         last_error: Some("none really".into()),
         at_ms: 1_790_000_000_000,
     };
-    dev.publish(Topic::Status(&id).render(), encode(&status))
+    let genuine = dev.seal(ReportBody::Status(status.clone()));
+    dev.publish(Topic::Status(&id).render(), genuine.clone())
         .await;
     let event = Event {
         device: id.clone(),
@@ -251,30 +279,17 @@ async fn check_ingest(reg: &Registry) {
             version: "1.0.0".into(),
         },
     };
-    dev.publish(Topic::Events(&id).render(), encode(&event))
-        .await;
-    // Garbage on a status topic is logged and counted, and ingest keeps going.
-    let (_, h0) = api.get("/v1/health").await;
-    let malformed0 = h0["ingest"]["refused"]["undecodable_payload"]
-        .as_u64()
-        .unwrap();
-    dev.publish(Topic::Status(&id).render(), vec![0xff, 0xfe, 0x01])
+    dev.report(Topic::Events(&id).render(), ReportBody::Event(event))
         .await;
 
     let device = eventually(WAIT, || async {
         let (_, fleet) = api.get("/v1/fleet/status").await;
-        fleet["devices"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["device"] == id.as_str())
-            .cloned()
+        fleet_device(&fleet, &id).filter(|d| d["sequence"] == 7)
     })
     .await
     .expect("device shows up in the fleet status");
     assert_eq!(device["groups"], json!([group]));
     assert_eq!(device["online"], true);
-    assert_eq!(device["sequence"], 7);
     assert_eq!(device["slots_used"], 1);
     assert_eq!(device["slots_total"], 4);
     assert_eq!(device["flash_free"], 500_000);
@@ -286,7 +301,6 @@ async fn check_ingest(reg: &Registry) {
         json!([{"name": "hello", "version": "1.0.0", "sha256": hex::encode([3u8; 32]),
                 "state": "running", "last_error": null}])
     );
-
     let events = eventually(WAIT, || async {
         let (_, ev) = api.get(&format!("/v1/devices/{id}/events?limit=5")).await;
         (!ev.as_array().unwrap().is_empty()).then_some(ev)
@@ -300,27 +314,73 @@ async fn check_ingest(reg: &Registry) {
         json!({"module": "hello", "version": "1.0.0"})
     );
 
-    eventually(WAIT, || async {
-        let (_, h) = api.get("/v1/health").await;
-        let refused = h["ingest"]["refused"]["undecodable_payload"].as_u64();
-        (refused.unwrap() > malformed0).then_some(())
-    })
-    .await
-    .expect("malformed status counted");
+    // Everything below tries to change the device's record; none of it may.
+    status.sequence = 666;
+    status.last_error = Some("forged".into());
+    let status_topic = Topic::Status(&id).render();
+    let before = |reason: &'static str| {
+        let api = &api;
+        async move { refused(api, reason).await }
+    };
+    // Garbage and an unsigned record.
+    let unsealed = before("not_a_sealed_report").await;
+    dev.publish(status_topic.clone(), vec![0xff, 0xfe, 0x01])
+        .await;
+    dev.publish(status_topic.clone(), encode(&status)).await;
+    counted(&api, "not_a_sealed_report", unsealed + 1).await;
+    // Sealed by a key that is not the device's.
+    let forged = before("bad_signature").await;
+    let stranger = wpm_manifests::KeyPair::from_seed(&[0x66; 32]);
+    dev.publish(
+        status_topic.clone(),
+        seal(&stranger, &id, 1 << 40, ReportBody::Status(status.clone())),
+    )
+    .await;
+    counted(&api, "bad_signature", forged).await;
+    // The genuine report again, as an attacker who recorded it would send it.
+    let duplicates = before("duplicate_report").await;
+    dev.publish(status_topic.clone(), genuine).await;
+    counted(&api, "duplicate_report", duplicates).await;
+    // A device nobody registered.
+    let unknown = before("unknown_device").await;
+    let invented = unique("invented");
+    dev.publish(
+        Topic::Status(&invented).render(),
+        seal(&stranger, &invented, 5, ReportBody::Status(status.clone())),
+    )
+    .await;
+    counted(&api, "unknown_device", unknown).await;
+    let (_, fleet) = api.get("/v1/fleet/status").await;
+    assert_eq!(fleet_device(&fleet, &id).unwrap()["sequence"], 7);
+    assert!(fleet_device(&fleet, &invented).is_none());
 
+    let key = wpm_manifests::KeyPair::from_seed(&dev.key.seed());
     dev.cut_power();
     eventually(WAIT, || async {
         let (_, fleet) = api.get("/v1/fleet/status").await;
-        let d = fleet["devices"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["device"] == id.as_str())
-            .cloned()?;
-        (d["online"] == false).then_some(())
+        (fleet_device(&fleet, &id)?["online"] == false).then_some(())
     })
     .await
-    .expect("last will marks the device offline");
+    .expect("the announced last will marks the device offline");
+
+    // Revoked: even its own fresh, genuine reports are dropped.
+    let (code, _) = api
+        .send(
+            reqwest::Method::POST,
+            &format!("/v1/devices/{id}/revoke"),
+            None,
+        )
+        .await;
+    assert_eq!(code, 200);
+    let revoked = before("revoked_device").await;
+    let late = FakeDevice::connect_as(reg, &key, &id, 1 << 33).await;
+    late.report(status_topic.clone(), ReportBody::Status(status))
+        .await;
+    counted(&api, "revoked_device", revoked).await;
+    let (_, fleet) = api.get("/v1/fleet/status").await;
+    assert_eq!(fleet_device(&fleet, &id).unwrap()["sequence"], 7);
+    // Every refusal above was the report's fault, none the database's.
+    assert_eq!(refused(&api, "database_refused").await, 0);
 }
 
 /// Registering device keys (all or none, repeatable with the same key, a conflict with
@@ -505,17 +565,16 @@ async fn postgres_mosquitto_restart_republishes() {
     }
     let retained = collect(MOSQUITTO, &filters, Duration::from_secs(2), |_| false).await;
     assert!(!retained.is_empty());
-    let wiper = FakeDevice::connect(MOSQUITTO, &unique("wiper")).await;
+    let (wiper, _task) = plain_client(MOSQUITTO, &unique("wiper"), None).await;
     for topic in retained.keys() {
         wiper
-            .client
             .publish(topic.clone(), rumqttc::QoS::AtLeastOnce, true, Vec::new())
             .await
             .unwrap();
     }
     let left = collect(MOSQUITTO, &filters, Duration::from_secs(2), |_| false).await;
     assert!(left.is_empty(), "wiped: {:?}", left.keys());
-    wiper.client.disconnect().await.unwrap();
+    wiper.disconnect().await.unwrap();
 
     let reg = Registry::start(pg_mosquitto_config(dir.path(), &pg))
         .await

@@ -15,6 +15,7 @@ use crate::client::{Client, DeployRequest, PublishOptions};
 use crate::commands::{deploy, fleet, publish, sim};
 use crate::output::{emit, now_ms};
 use crate::GlobalArgs;
+use wpm_manifests::{Report, ReportBody, TrustedKeys};
 
 /// The example module, built into the binary so `wpm demo` works from any directory.
 const HELLO_WAT: &str = include_str!("../../../examples/hello/v1.wat");
@@ -43,6 +44,15 @@ pub struct DemoArgs {
     pub every: u64,
 }
 
+/// Each device's key, to open its reports with.
+type DeviceKeys = HashMap<String, TrustedKeys>;
+
+fn device_keys(identities: &[(String, [u8; 32])]) -> DeviceKeys {
+    (identities.iter())
+        .map(|(id, key)| (id.clone(), TrustedKeys::new(&[*key])))
+        .collect()
+}
+
 /// `mqtt://host:port` -> (host, port).
 fn broker_host_port(url: &str) -> Result<(String, u16)> {
     let rest = url
@@ -59,13 +69,21 @@ fn broker_host_port(url: &str) -> Result<(String, u16)> {
     Ok((host.trim_matches(['[', ']']).to_string(), port))
 }
 
-/// Telemetry is bytes as the module sent them: show text as text, anything else as hex.
-fn telemetry_line(topic: &str, payload: &[u8]) -> Option<String> {
+/// Telemetry is bytes as the module sent them, sealed by the device: shown (text as
+/// text, anything else as hex) only if the device's key opens it.
+fn telemetry_line(topic: &str, payload: &[u8], keys: &DeviceKeys) -> Option<String> {
     match wpm_manifests::topic::parse_device_topic(topic)? {
         wpm_manifests::topic::DeviceTopic::Telemetry(device, module) => {
-            let body = match std::str::from_utf8(payload) {
+            let report: Report = keys.get(device)?.open(payload).ok()?;
+            let ReportBody::Telemetry(bytes) = report.body else {
+                return None;
+            };
+            if report.device != device {
+                return None;
+            }
+            let body = match std::str::from_utf8(&bytes) {
                 Ok(s) if !s.chars().any(|c| c.is_control() && c != '\n') => s.trim().to_string(),
-                _ => format!("0x{}", hex::encode(payload)),
+                _ => format!("0x{}", hex::encode(&bytes[..])),
             };
             Some(format!("[telemetry] {device} {module}: {body}"))
         }
@@ -76,7 +94,7 @@ fn telemetry_line(topic: &str, payload: &[u8]) -> Option<String> {
 /// Prints module telemetry straight from the broker. hello sends a record every scheduler
 /// turn on every device, so one line per device and module per `every` keeps the fleet
 /// table readable.
-async fn watch_telemetry(broker_url: String, every: Duration) -> Result<()> {
+async fn watch_telemetry(broker_url: String, every: Duration, keys: DeviceKeys) -> Result<()> {
     let (host, port) = broker_host_port(&broker_url)?;
     let mut opts = MqttOptions::new(format!("wpm-demo-watch-{}", std::process::id()), host, port);
     opts.set_keep_alive(Duration::from_secs(30));
@@ -97,7 +115,7 @@ async fn watch_telemetry(broker_url: String, every: Duration) -> Result<()> {
                     .get(&p.topic)
                     .is_none_or(|at| at.elapsed() >= every);
                 if due {
-                    if let Some(line) = telemetry_line(&p.topic, &p.payload) {
+                    if let Some(line) = telemetry_line(&p.topic, &p.payload, &keys) {
                         emit(&line);
                         last_shown.insert(p.topic.clone(), Instant::now());
                     }
@@ -174,17 +192,21 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> Result<()> {
     ));
 
     let every = Duration::from_secs(args.every.max(1));
-    let telemetry = tokio::spawn(watch_telemetry(mqtt_url.clone(), every));
 
     let cfg = sim::fleet_config(
         mqtt_url.clone(),
         vec![public_key],
+        sim::identity_secret(&args.data_dir.join("sim"))?,
         vec![DEMO_GROUP.to_string()],
         DEMO_GROUP.to_string(),
         args.devices,
         None,
         Some(args.data_dir.join("sim")),
     );
+    let client = Client::with(&http_url, Some(token.clone()))?;
+    sim::register(&client, &cfg).await?;
+    let keys = device_keys(&cfg.identities());
+    let telemetry = tokio::spawn(watch_telemetry(mqtt_url.clone(), every, keys));
     let sim_fleet = wpm_sim::Fleet::start(cfg)
         .await
         .context("cannot start the simulated devices")?;
@@ -194,7 +216,6 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> Result<()> {
         sim_fleet.device_ids().join(", ")
     ));
 
-    let client = Client::with(&http_url, Some(token.clone()))?;
     let wasm = publish::wat_to_wasm(HELLO_WAT, Path::new("examples/hello/v1.wat"))?;
     let published = publish::publish_bytes(
         &client,
@@ -300,15 +321,32 @@ mod tests {
     }
 
     #[test]
-    fn telemetry_lines() {
+    fn telemetry_lines_show_only_what_the_device_sealed() {
+        let key = wpm_manifests::KeyPair::from_seed(&[5; 32]);
+        let keys = device_keys(&[("demo-0".into(), key.public())]);
+        let sealed = |device: &str, bytes: &[u8]| {
+            key.seal(&Report {
+                device: device.into(),
+                counter: 1,
+                body: ReportBody::Telemetry(bytes.to_vec().into()),
+            })
+        };
+        let topic = "wpm/v1/device/demo-0/telemetry/hello";
         assert_eq!(
-            telemetry_line("wpm/v1/device/demo-0/telemetry/hello", b"hi 3").unwrap(),
+            telemetry_line(topic, &sealed("demo-0", b"hi 3"), &keys).unwrap(),
             "[telemetry] demo-0 hello: hi 3"
         );
         assert_eq!(
-            telemetry_line("wpm/v1/device/demo-0/telemetry/hello", &[0, 1]).unwrap(),
+            telemetry_line(topic, &sealed("demo-0", &[0, 1]), &keys).unwrap(),
             "[telemetry] demo-0 hello: 0x0001"
         );
-        assert!(telemetry_line("wpm/v1/device/demo-0/status", b"x").is_none());
+        assert!(telemetry_line(topic, b"hi 3", &keys).is_none());
+        let forged = wpm_manifests::KeyPair::from_seed(&[6; 32]).seal(&Report {
+            device: "demo-0".into(),
+            counter: 1,
+            body: ReportBody::Telemetry(b"lies".to_vec().into()),
+        });
+        assert!(telemetry_line(topic, &forged, &keys).is_none());
+        assert!(telemetry_line("wpm/v1/device/demo-0/status", b"x", &keys).is_none());
     }
 }

@@ -92,12 +92,30 @@ fn new_identity(device: &str, groups: &[String], registry_key: &[u8; 32]) -> Res
     })
 }
 
-/// Registers identities with the registry, all or none.
+/// Registers provisioned devices with the registry, all or none.
 async fn register(client: &Client, records: &[Provisioning]) -> Result<Value> {
     let devices: Vec<Value> = records
         .iter()
         .map(|p| json!({"id": p.device_id, "public_key": p.public_key, "groups": p.groups}))
         .collect();
+    post_devices(client, devices).await
+}
+
+/// Registers simulated devices (`wpm sim`, `wpm demo`, `wpm bench`): their ids and
+/// public keys, in `groups`, all or none.
+pub async fn register_simulated(
+    client: &Client,
+    identities: &[(String, [u8; 32])],
+    groups: &[String],
+) -> Result<Value> {
+    let devices: Vec<Value> = identities
+        .iter()
+        .map(|(id, key)| json!({"id": id, "public_key": hex::encode(key), "groups": groups}))
+        .collect();
+    post_devices(client, devices).await
+}
+
+async fn post_devices(client: &Client, devices: Vec<Value>) -> Result<Value> {
     client
         .post_json("/v1/devices", &json!({ "devices": devices }))
         .await
@@ -106,6 +124,11 @@ async fn register(client: &Client, records: &[Provisioning]) -> Result<Value> {
 
 /// Writes a provisioning record readable by its owner only: it holds a private key.
 fn write_record(path: &Path, p: &Provisioning) -> Result<()> {
+    write_secret(path, &format!("{}\n", serde_json::to_string_pretty(p)?))
+}
+
+/// Writes a file readable by its owner only.
+pub fn write_secret(path: &Path, text: &str) -> Result<()> {
     use std::io::Write as _;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
@@ -114,8 +137,7 @@ fn write_record(path: &Path, p: &Provisioning) -> Result<()> {
     let mut f = options
         .open(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(serde_json::to_string_pretty(p)?.as_bytes())
-        .and_then(|()| f.write_all(b"\n"))
+    f.write_all(text.as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))
 }
 

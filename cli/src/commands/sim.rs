@@ -2,7 +2,7 @@
 //! MQTT broker. Kept in its own file because it is the one command that depends on the
 //! simulator's API.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -44,11 +44,12 @@ pub struct SimArgs {
     #[arg(long, value_name = "N")]
     pub slots: Option<usize>,
 
-    /// Keep each device's simulated flash under this directory, so a restart resumes from it
+    /// Keep each device's simulated flash under this directory, so a restart resumes from it.
+    /// The secret the devices' keys are derived from is kept here too (else in ./wpm-data)
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 
-    // Registry to fetch the trusted key from when no --trust is given.
+    // Registry the devices are registered with (and whose key they trust without --trust).
     #[command(flatten)]
     pub conn: crate::ConnArgs,
 }
@@ -73,17 +74,48 @@ async fn trusted_keys(args: &SimArgs) -> Result<Vec<[u8; 32]>> {
     Ok(vec![key])
 }
 
+/// The secret a simulated fleet's device keys are derived from, kept in `dir` (made on
+/// first use, readable by its owner only), so devices started again keep their
+/// identities.
+pub fn identity_secret(dir: &Path) -> Result<[u8; 32]> {
+    let path = dir.join("identity-secret");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => hex::decode(text.trim())
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .with_context(|| format!("{} is not 64 hex digits", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let secret = wpm_registry::keys::random_bytes()?;
+            crate::commands::identity::write_secret(&path, &format!("{}\n", hex::encode(secret)))?;
+            Ok(secret)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Registers a simulated fleet's devices with the registry, as `wpm device import`
+/// registers real ones.
+pub async fn register(client: &Client, cfg: &wpm_sim::FleetConfig) -> Result<()> {
+    crate::commands::identity::register_simulated(client, &cfg.identities(), &cfg.groups)
+        .await
+        .map(drop)
+}
+
 /// The fleet configuration both `wpm sim` and `wpm demo` use.
+#[allow(clippy::too_many_arguments)]
 pub fn fleet_config(
     broker_url: String,
     trusted_keys: Vec<[u8; 32]>,
+    identity_secret: [u8; 32],
     groups: Vec<String>,
     id_prefix: String,
     devices: usize,
     slots: Option<usize>,
     state_dir: Option<PathBuf>,
 ) -> wpm_sim::FleetConfig {
-    let mut cfg = wpm_sim::FleetConfig::new(broker_url, trusted_keys);
+    let mut cfg = wpm_sim::FleetConfig::new(broker_url, trusted_keys, identity_secret);
     cfg.groups = groups;
     cfg.id_prefix = id_prefix;
     cfg.devices = devices;
@@ -109,15 +141,19 @@ pub async fn run(global: &GlobalArgs, args: SimArgs) -> Result<()> {
     }
     super::check_name("id prefix", &args.id_prefix)?;
     let keys = trusted_keys(&args).await?;
+    let secret_dir = (args.state_dir.clone()).unwrap_or_else(|| PathBuf::from("wpm-data"));
     let cfg = fleet_config(
         args.broker.clone(),
         keys,
+        identity_secret(&secret_dir)?,
         args.groups.clone(),
         args.id_prefix.clone(),
         args.devices,
         args.slots,
         args.state_dir.clone(),
     );
+    let client = Client::new(&Settings::resolve(&args.conn)?)?;
+    register(&client, &cfg).await?;
     let fleet = wpm_sim::Fleet::start(cfg)
         .await
         .with_context(|| format!("cannot start simulated devices on {}", args.broker))?;

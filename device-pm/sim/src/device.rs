@@ -62,9 +62,10 @@ impl SimDevice {
             device_id: id.clone(),
             groups: config.groups.clone(),
             trusted_keys: config.trusted_keys.clone(),
+            device_key: config.device_key(&id),
             tuning: config.tuning,
         };
-        let core = Device::new(core_config, flash, now_ms())
+        let mut core = Device::new(core_config, flash, now_ms())
             .map_err(|e| anyhow::anyhow!("device {id}: flash store does not boot: {e:?}"))?;
 
         // rumqttc parses the broker URL; the client id travels as its query parameter.
@@ -75,7 +76,7 @@ impl SimDevice {
                 config.broker_url
             )
         })?;
-        let (will_topic, will_payload) = core.last_will();
+        let will = last_will(&mut core, config.tuning)?;
         let tuning = config.tuning;
         options
             .set_keep_alive(Duration::from_secs(tuning.keep_alive_s.into()))
@@ -84,13 +85,7 @@ impl SimDevice {
             .set_outgoing_inflight_upper_limit(wpm_device_pm::PUBLISH_WINDOW)
             .set_clean_start(true)
             .set_max_packet_size(Some(MAX_PACKET))
-            .set_last_will(LastWill::new(
-                will_topic,
-                will_payload,
-                qos(tuning.publish_qos),
-                true,
-                None,
-            ));
+            .set_last_will(will);
         Ok(Self {
             id,
             core,
@@ -111,7 +106,8 @@ impl SimDevice {
         // The event loop runs in its own task: `EventLoop::poll` is not cancel-safe, so it
         // must never be a losing branch of the select below.
         let (tx, mut rx) = mpsc::channel(64);
-        let poller = tokio::spawn(drive(events, tx, self.tuning));
+        let (will_tx, will_rx) = mpsc::channel(1);
+        let poller = tokio::spawn(drive(events, tx, will_rx, self.tuning));
         let mut online = false;
         loop {
             let timer = self
@@ -136,6 +132,8 @@ impl SimDevice {
                         if let Some(p) = &self.probe {
                             p.link_dropped();
                         }
+                        // The next connection gets a will of its own (see `drive`).
+                        let _ = will_tx.try_send(last_will(&mut self.core, self.tuning)?);
                         if online {
                             tracing::warn!(device = %self.id, "link down: {e}");
                             online = false;
@@ -190,12 +188,16 @@ impl SimDevice {
 
     /// Says goodbye the way the last will would, disconnects, and keeps the flash.
     async fn power_off(
-        self,
+        mut self,
         client: AsyncClient,
         mut events: mpsc::Receiver<Polled>,
         poller: tokio::task::JoinHandle<()>,
     ) -> Result<()> {
-        let (topic, payload) = self.core.last_will();
+        // A report like any other: sealed with the next counter.
+        let (topic, payload) = self
+            .core
+            .last_will()
+            .map_err(|e| anyhow::anyhow!("no counter for the goodbye: {e:?}"))?;
         if let Some(p) = &self.probe {
             p.published(&topic, &payload, now_ms());
         }
@@ -226,10 +228,31 @@ impl SimDevice {
 
 type Polled = Result<Event, rumqttc::v5::ConnectionError>;
 
+/// The device's next last will, sealed by the core.
+fn last_will(core: &mut Device<SimFlash>, tuning: Tuning) -> Result<LastWill> {
+    let (topic, payload) = core
+        .last_will()
+        .map_err(|e| anyhow::anyhow!("no counter for the last will: {e:?}"))?;
+    Ok(LastWill::new(
+        topic,
+        payload,
+        qos(tuning.publish_qos),
+        true,
+        None,
+    ))
+}
+
 /// Polls the MQTT event loop forever, handing every event to the device task. rumqttc
 /// reconnects on the next poll after an error; the pause, doubling as the firmware's
-/// does, keeps a dead broker from being hammered.
-async fn drive(mut events: EventLoop, tx: mpsc::Sender<Polled>, tuning: Tuning) {
+/// does, keeps a dead broker from being hammered. Before each reconnect it waits for
+/// the will the main loop seals when it hears of the error, so every connection
+/// carries the will its first presence announces.
+async fn drive(
+    mut events: EventLoop,
+    tx: mpsc::Sender<Polled>,
+    mut wills: mpsc::Receiver<LastWill>,
+    tuning: Tuning,
+) {
     let mut backoff_ms = 0;
     let mut connected_at = None;
     loop {
@@ -242,6 +265,10 @@ async fn drive(mut events: EventLoop, tx: mpsc::Sender<Polled>, tuning: Tuning) 
             return;
         }
         if failed {
+            let Some(will) = wills.recv().await else {
+                return;
+            };
+            events.options.set_last_will(will);
             if connected_at
                 .take()
                 .is_some_and(|t| t.elapsed() > STABLE_CONNECTION)

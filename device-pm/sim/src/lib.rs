@@ -29,6 +29,10 @@ pub struct FleetConfig {
     pub broker_url: String,
     /// Registry public keys the devices trust.
     pub trusted_keys: Vec<[u8; 32]>,
+    /// Each device's own key is derived from this secret and its id
+    /// ([`FleetConfig::device_key`]), so a fleet started again with the same secret keeps
+    /// its identities; register them with [`FleetConfig::identities`].
+    pub identity_secret: [u8; 32],
     /// Group tags every device of this fleet carries.
     pub groups: Vec<String>,
     /// Device ids are `{id_prefix}-{index:04}`.
@@ -45,10 +49,15 @@ pub struct FleetConfig {
 }
 
 impl FleetConfig {
-    pub fn new(broker_url: impl Into<String>, trusted_keys: Vec<[u8; 32]>) -> Self {
+    pub fn new(
+        broker_url: impl Into<String>,
+        trusted_keys: Vec<[u8; 32]>,
+        identity_secret: [u8; 32],
+    ) -> Self {
         Self {
             broker_url: broker_url.into(),
             trusted_keys,
+            identity_secret,
             groups: Vec::new(),
             id_prefix: "sim".into(),
             devices: 1,
@@ -62,6 +71,26 @@ impl FleetConfig {
     /// The id of device number `index`.
     pub fn device_id(&self, index: usize) -> String {
         format!("{}-{index:04}", self.id_prefix)
+    }
+
+    /// The secret seed of a device's own ed25519 key: sha256 of the fleet's identity
+    /// secret and the device id.
+    pub fn device_key(&self, id: &str) -> [u8; 32] {
+        let mut seed = self.identity_secret.to_vec();
+        seed.extend_from_slice(id.as_bytes());
+        wpm_manifests::sha256(&seed)
+    }
+
+    /// Every device's id and public key, to register with the registry before the
+    /// fleet starts (the registry drops reports of devices it does not know).
+    pub fn identities(&self) -> Vec<(String, [u8; 32])> {
+        (0..self.devices)
+            .map(|i| {
+                let id = self.device_id(i);
+                let public = wpm_manifests::KeyPair::from_seed(&self.device_key(&id)).public();
+                (id, public)
+            })
+            .collect()
     }
 }
 

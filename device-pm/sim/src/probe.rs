@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use wpm_manifests::topic::{parse_device_topic, DeviceTopic};
-use wpm_manifests::{decode, DeviceStatus, Event, EventKind, ModuleState};
+use wpm_manifests::{Event, EventKind, ModuleState, Report, ReportBody};
 
 /// The first and last time (unix ms) devices reached a milestone, and how many did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -96,7 +96,7 @@ impl Probe {
         match t {
             DeviceTopic::Status(device) => {
                 self.status.fetch_add(1, Ordering::Relaxed);
-                if let Ok(s) = decode::<DeviceStatus>(payload) {
+                if let Ok(ReportBody::Status(s)) = body(payload) {
                     for m in s.modules.iter().filter(|m| m.state == ModuleState::Running) {
                         self.reach(format!("running {}@{}", m.name, m.version), device, now_ms);
                     }
@@ -107,13 +107,15 @@ impl Probe {
             }
             DeviceTopic::Events(device) => {
                 self.events.fetch_add(1, Ordering::Relaxed);
-                match decode::<Event>(payload).map(|e| e.kind) {
-                    Ok(EventKind::ManifestAccepted { .. }) => {
-                        self.reach("accepted".into(), device, now_ms)
-                    }
-                    Ok(EventKind::Installed { module, version }) => {
-                        self.reach(format!("installed {module}@{version}"), device, now_ms)
-                    }
+                match body(payload) {
+                    Ok(ReportBody::Event(Event {
+                        kind: EventKind::ManifestAccepted { .. },
+                        ..
+                    })) => self.reach("accepted".into(), device, now_ms),
+                    Ok(ReportBody::Event(Event {
+                        kind: EventKind::Installed { module, version },
+                        ..
+                    })) => self.reach(format!("installed {module}@{version}"), device, now_ms),
                     _ => {}
                 }
             }
@@ -122,4 +124,10 @@ impl Probe {
             }
         }
     }
+}
+
+/// What a device's own report says; the probe counts the device's words, so it needs no
+/// key to read them.
+fn body(payload: &[u8]) -> Result<ReportBody, wpm_manifests::DecodeError> {
+    Report::read_unverified(payload).map(|r| r.body)
 }

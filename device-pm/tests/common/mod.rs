@@ -8,11 +8,13 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use wpm_device_pm::sim_flash::SimFlash;
 use wpm_device_pm::{Config, Device, Input, Limits, Output, Tuning};
 use wpm_manifests::{
-    encode, golden, Action, Chunk, Command, Deployment, Event, EventKind, KeyPair, ModuleManifest,
-    ModuleRef, Target, Topic,
+    encode, golden, Action, Chunk, Command, Deployment, EventKind, KeyPair, ModuleManifest,
+    ModuleRef, Report, ReportBody, Target, Topic, TrustedKeys,
 };
 
 pub const DEVICE: &str = "dev-1";
+/// The device's own key seed (its provisioning record's `device_key`).
+pub const DEVICE_KEY: [u8; 32] = [0xD1; 32];
 /// Device clock at the start of every test (unix ms).
 pub const T0: u64 = 1_790_000_000_000;
 pub const CHUNK_SIZE: u32 = 64;
@@ -33,6 +35,7 @@ pub fn config() -> Config {
         device_id: DEVICE.into(),
         groups: vec!["eu".into()],
         trusted_keys: vec![golden::key().public()],
+        device_key: DEVICE_KEY,
         tuning: Tuning {
             slots: 3,
             chunk_window: 2,
@@ -88,6 +91,8 @@ pub struct World {
     sequence: u64,
     config: Config,
     limits: Limits,
+    /// The last will of the current connection (topic, sealed payload).
+    pub will: Option<(String, Vec<u8>)>,
 }
 
 impl World {
@@ -111,9 +116,16 @@ impl World {
             sequence: 0,
             config,
             limits,
+            will: None,
         };
-        w.input(Input::LinkUp);
+        w.connect();
         w
+    }
+
+    /// Connects as a driver does: the session's last will first, then the link.
+    pub fn connect(&mut self) {
+        self.will = Some(self.dev_mut().last_will().unwrap());
+        self.input(Input::LinkUp);
     }
 
     pub fn dev(&self) -> &Device<SimFlash> {
@@ -274,7 +286,7 @@ impl World {
     /// Power cycle: only the flash survives; the link comes back up.
     pub fn reboot(&mut self) {
         self.reboot_offline();
-        self.input(Input::LinkUp);
+        self.connect();
     }
 
     /// Power cycle, link still down: the device as rebuilt from flash alone.
@@ -319,7 +331,10 @@ impl World {
                     topic: t,
                     payload,
                     retain: false,
-                } if *t == topic => Some(wpm_manifests::decode::<Event>(payload).unwrap().kind),
+                } if *t == topic => match report(payload).body {
+                    ReportBody::Event(e) => Some(e.kind),
+                    other => panic!("{other:?} on the events topic"),
+                },
                 _ => None,
             })
             .collect()
@@ -340,7 +355,10 @@ impl World {
                     topic: t,
                     payload,
                     retain: false,
-                } if *t == topic => Some(payload.clone()),
+                } if *t == topic => match report(payload).body {
+                    ReportBody::Telemetry(bytes) => Some(bytes.to_vec()),
+                    other => panic!("{other:?} on a telemetry topic"),
+                },
                 _ => None,
             })
             .collect()
@@ -418,4 +436,19 @@ pub fn evict(name: &str) -> Action {
 /// Whether the device published an event `want` accepts.
 pub fn has_event(w: &World, want: impl Fn(&EventKind) -> bool) -> bool {
     w.events().iter().any(want)
+}
+
+/// Opens a report the device published, with the device's public key, as the registry
+/// does.
+pub fn report(payload: &[u8]) -> Report {
+    let key = KeyPair::from_seed(&DEVICE_KEY).public();
+    TrustedKeys::new(&[key]).open(payload).unwrap()
+}
+
+/// The status the device last published (retained).
+pub fn published_status(w: &World) -> wpm_manifests::DeviceStatus {
+    match report(&w.retained[&Topic::Status(DEVICE).render()]).body {
+        ReportBody::Status(s) => s,
+        other => panic!("{other:?} on the status topic"),
+    }
 }

@@ -67,6 +67,7 @@ pub fn config(record: &Record, tuning: Tuning) -> Config {
         device_id: record.device_id.clone(),
         groups: record.groups.clone(),
         trusted_keys: record.trusted_keys(),
+        device_key: *record.device_key,
         tuning,
     }
 }
@@ -76,6 +77,8 @@ enum Ended {
     Network,
     Broker,
     KeepAliveTimeout,
+    /// The flash did not take the next report epoch, so no report can be numbered.
+    Storage,
 }
 
 impl fmt::Display for Ended {
@@ -84,6 +87,7 @@ impl fmt::Display for Ended {
             Ended::Network => "network error",
             Ended::Broker => "broker refused or sent garbage",
             Ended::KeepAliveTimeout => "no PINGRESP within the keep-alive",
+            Ended::Storage => "flash refused the report counter's epoch",
         })
     }
 }
@@ -212,7 +216,7 @@ async fn session<F: NorFlash, B: Board>(
 
     let mut buffer = AllocBuffer;
     let mut client: Mqtt<'_, '_> = Client::new(&mut buffer);
-    let (will_topic, will_payload) = device.last_will();
+    let (will_topic, will_payload) = device.last_will().map_err(|_| Ended::Storage)?;
     let will_topic = MqttString::try_from(will_topic.as_str()).map_err(|_| Ended::Broker)?;
     let will_topic = TopicName::new(will_topic).ok_or(Ended::Broker)?;
     let will_payload = MqttBinary::try_from(will_payload.as_slice()).map_err(|_| Ended::Broker)?;

@@ -13,6 +13,8 @@ use wpm_manifests::{Action, Chunk, Command, Deployment, ModuleManifest, ModuleRe
 /// Test-only signing keys; the networked device trusts the key provisioned for it.
 const REGISTRY_SEED: [u8; 32] = [0x5a; 32];
 const ROGUE_SEED: [u8; 32] = [0x66; 32];
+/// The on-target device's own key (its provisioning record's `device_key`).
+const ONTARGET_DEVICE_KEY: [u8; 32] = [0xd1; 32];
 const CHUNK: usize = 1024;
 /// 2026-01-01T00:00:00Z: the device clock of the on-target run starts here.
 pub const EPOCH_S: u64 = 1_767_225_600;
@@ -195,6 +197,7 @@ fn main() {
         trusted_keys: vec![key.public().into()],
         broker_host: "10.0.2.2".into(),
         broker_port: 1883,
+        device_key: ONTARGET_DEVICE_KEY.into(),
     };
     image.bytes_const("PROVISIONING", &provisioning.encode());
     image.bytes_const("FIB_WASM", &fib);

@@ -1,4 +1,4 @@
-//! The provisioning record: what makes one device this device.
+//! The provisioning record: what makes one device this device, its secret key included.
 //!
 //! It lives in a fixed flash region written once at the factory (or, on QEMU, loaded with
 //! `-device loader,file=...,addr=...`), so the same firmware image serves every device
@@ -23,8 +23,8 @@ use core::fmt;
 use minicbor::{Decode, Encode};
 
 pub const MAGIC: u32 = 0x504d_5057;
-/// The format version this code writes and reads.
-pub const VERSION: u16 = 1;
+/// The format version this code writes and reads (2: the device's own key).
+pub const VERSION: u16 = 2;
 const HEADER: usize = 4 + 2 + 2;
 const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
 
@@ -43,6 +43,10 @@ pub struct Record {
     pub broker_host: String,
     #[n(4)]
     pub broker_port: u16,
+    /// The secret seed of the device's own ed25519 key, made by `wpm device add`; the
+    /// registry holds its public half and takes only reports it signed.
+    #[n(5)]
+    pub device_key: minicbor::bytes::ByteArray<32>,
 }
 
 /// Why a provisioning region does not hold a usable record.

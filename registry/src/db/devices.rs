@@ -3,9 +3,10 @@
 
 use super::{list, placeholders, Db, ROWS_PER_STATEMENT};
 use sqlx::any::AnyRow;
-use sqlx::Row as _;
+use sqlx::{Any, Row as _, Transaction};
 
 /// One device's status, as the ingest hands it over.
+#[derive(Clone, Debug)]
 pub struct StatusWrite {
     pub device: String,
     pub groups: Vec<String>,
@@ -19,7 +20,10 @@ pub struct StatusWrite {
     /// stay as they are.
     pub rows_digest: Vec<u8>,
     pub status: Vec<u8>,
+    /// The device's clock when it sent the status: shown, never used to order.
     pub status_at: i64,
+    /// The report's counter: a status replaces the stored one only if higher.
+    pub counter: i64,
     /// Registry clock when received live; for a retained replay the device's own clock,
     /// so a registry restart does not make every device look freshly seen.
     pub seen_at: i64,
@@ -27,6 +31,7 @@ pub struct StatusWrite {
 }
 
 /// One module as a device reported it: what ingest writes and the fleet view reads.
+#[derive(Clone, Debug)]
 pub struct DeviceModule {
     pub name: String,
     pub version: String,
@@ -35,14 +40,20 @@ pub struct DeviceModule {
     pub last_error: Option<String>,
 }
 
+#[derive(Clone, Debug)]
 pub struct PresenceWrite {
     pub device: String,
     pub online: bool,
+    /// The report's counter: a presence replaces the stored one only if higher, except
+    /// a last will, which ends the session it was announced for whatever its counter.
+    pub counter: i64,
+    pub will: bool,
     /// When the device was last known alive: now for a live message, 0 for a retained
     /// replay (which says nothing about when).
     pub seen_at: i64,
 }
 
+#[derive(Clone, Debug)]
 pub struct EventWrite {
     pub device: String,
     pub at_ms: i64,
@@ -154,18 +165,19 @@ fn device_module(r: &AnyRow) -> anyhow::Result<DeviceModule> {
 }
 
 impl Db {
-    /// Writes one ingest batch in one transaction, a few multi-row statements per kind
-    /// of record. A status older than the stored one (a late retained replay) changes
-    /// nothing; the `seen` devices' last_seen moves to `seen_at`.
-    pub async fn write_batch(
+    /// Writes one ingest batch's reports in the caller's transaction, a few multi-row
+    /// statements per kind of record. A status or presence with a lower counter than
+    /// the stored one (a late report) changes nothing; the `seen` devices' last_seen
+    /// moves to `seen_at`.
+    pub async fn write_reports(
         &self,
+        tx: &mut Transaction<'static, Any>,
         statuses: &[&StatusWrite],
         presences: &[&PresenceWrite],
         events: &[EventWrite],
         seen: &[&String],
         seen_at: i64,
     ) -> anyhow::Result<()> {
-        let mut tx = self.begin_write().await?;
         for chunk in statuses.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "SELECT id, rows_digest FROM devices WHERE id IN ({})",
@@ -176,14 +188,15 @@ impl Db {
                 q = q.bind(&s.device);
             }
             let stored: std::collections::HashMap<String, Option<Vec<u8>>> = q
-                .fetch_all(&mut *tx)
+                .fetch_all(&mut **tx)
                 .await?
                 .iter()
                 .map(|r| Ok((r.try_get("id")?, r.try_get("rows_digest")?)))
                 .collect::<anyhow::Result<_>>()?;
             let sql = format!(
                 "INSERT INTO devices (id, groups_json, online, last_seen, sequence, slots_used, \
-                 slots_total, flash_free, ram_free, last_error, rows_digest, status, status_at) \
+                 slots_total, flash_free, ram_free, last_error, rows_digest, status, status_at, \
+                 status_counter) \
                  VALUES {} \
                  ON CONFLICT (id) DO UPDATE SET groups_json = excluded.groups_json, \
                  last_seen = CASE WHEN excluded.last_seen > devices.last_seen \
@@ -192,10 +205,11 @@ impl Db {
                  slots_total = excluded.slots_total, flash_free = excluded.flash_free, \
                  ram_free = excluded.ram_free, last_error = excluded.last_error, \
                  rows_digest = excluded.rows_digest, \
-                 status = excluded.status, status_at = excluded.status_at \
-                 WHERE devices.status_at IS NULL OR devices.status_at <= excluded.status_at \
+                 status = excluded.status, status_at = excluded.status_at, \
+                 status_counter = excluded.status_counter \
+                 WHERE devices.status_counter < excluded.status_counter \
                  RETURNING id",
-                placeholders(chunk.len(), 13, 1)
+                placeholders(chunk.len(), 14, 1)
             );
             let mut q = self.statement(sql);
             for s in chunk {
@@ -212,10 +226,11 @@ impl Db {
                     .bind(&s.last_error)
                     .bind(s.rows_digest.clone())
                     .bind(s.status.clone())
-                    .bind(s.status_at);
+                    .bind(s.status_at)
+                    .bind(s.counter);
             }
             let changed: std::collections::HashSet<String> = q
-                .fetch_all(&mut *tx)
+                .fetch_all(&mut **tx)
                 .await?
                 .iter()
                 .map(|r| r.try_get("id"))
@@ -227,16 +242,23 @@ impl Db {
                 .filter(|s| stored.get(&s.device) != Some(&Some(s.rows_digest.clone())))
                 .copied()
                 .collect();
-            self.replace_device_rows(&mut tx, &changed).await?;
+            self.replace_device_rows(tx, &changed).await?;
         }
+        let (wills, presences): (Vec<&PresenceWrite>, Vec<&PresenceWrite>) =
+            presences.iter().partition(|p| p.will);
         for chunk in presences.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO devices (id, groups_json, online, last_seen, sequence, slots_used, \
-                 slots_total, flash_free, ram_free) VALUES {} \
-                 ON CONFLICT (id) DO UPDATE SET online = excluded.online, \
+                 slots_total, flash_free, ram_free, presence_counter) VALUES {} \
+                 ON CONFLICT (id) DO UPDATE SET online = CASE \
+                   WHEN excluded.presence_counter > devices.presence_counter \
+                   THEN excluded.online ELSE devices.online END, \
+                 presence_counter = CASE \
+                   WHEN excluded.presence_counter > devices.presence_counter \
+                   THEN excluded.presence_counter ELSE devices.presence_counter END, \
                  last_seen = CASE WHEN excluded.last_seen > devices.last_seen \
                    THEN excluded.last_seen ELSE devices.last_seen END",
-                placeholders(chunk.len(), 9, 1)
+                placeholders(chunk.len(), 10, 1)
             );
             let mut q = self.statement(sql);
             for p in chunk {
@@ -249,9 +271,21 @@ impl Db {
                     .bind(0i64)
                     .bind(0i64)
                     .bind(0i64)
-                    .bind(0i64);
+                    .bind(0i64)
+                    .bind(p.counter);
             }
-            q.execute(&mut *tx).await?;
+            q.execute(&mut **tx).await?;
+        }
+        for chunk in wills.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "UPDATE devices SET online = 0 WHERE id IN ({})",
+                list(chunk.len(), 1)
+            );
+            let mut q = self.statement(sql);
+            for p in chunk {
+                q = q.bind(&p.device);
+            }
+            q.execute(&mut **tx).await?;
         }
         for chunk in events.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
@@ -271,7 +305,7 @@ impl Db {
                     .bind(&e.reason)
                     .bind(e.received_at);
             }
-            q.execute(&mut *tx).await?;
+            q.execute(&mut **tx).await?;
         }
         for ids in seen.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
@@ -282,9 +316,8 @@ impl Db {
             for id in ids {
                 q = q.bind(*id);
             }
-            q.execute(&mut *tx).await?;
+            q.execute(&mut **tx).await?;
         }
-        tx.commit().await?;
         Ok(())
     }
 
@@ -395,8 +428,9 @@ impl Db {
     /// A device's events, newest first.
     pub async fn events(&self, device: &str, limit: i64) -> anyhow::Result<Vec<EventView>> {
         let rows = sqlx::query(
+            // (device, received_at) is the index; id orders events received in one batch.
             "SELECT at_ms, kind, detail FROM events WHERE device = $1 \
-             ORDER BY id DESC LIMIT $2",
+             ORDER BY received_at DESC, id DESC LIMIT $2",
         )
         .bind(device)
         .bind(limit)

@@ -2,8 +2,9 @@
 //! whether it is revoked.
 
 use super::{list, placeholders, Db, ROWS_PER_STATEMENT};
+use crate::ingest::Counters;
 use sqlx::any::AnyRow;
-use sqlx::Row as _;
+use sqlx::{Any, Row as _, Transaction};
 use std::collections::HashMap;
 
 /// A registered device.
@@ -23,6 +24,13 @@ pub struct NewIdentity {
     pub id: String,
     pub public_key: [u8; 32],
     pub groups: Vec<String>,
+}
+
+/// Where a device stands for the reports of one ingest batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Standing {
+    pub counters: Counters,
+    pub revoked: bool,
 }
 
 const COLUMNS: &str = "id, public_key, groups_json, registered_at, revoked_at";
@@ -143,5 +151,92 @@ impl Db {
         }
         tx.commit().await?;
         Ok(removed > 0)
+    }
+
+    /// The public keys of those of `ids` that are registered (revoked or not).
+    pub async fn public_keys(&self, ids: &[&str]) -> anyhow::Result<Vec<(String, [u8; 32])>> {
+        let mut keys = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "SELECT id, public_key FROM device_identities WHERE id IN ({})",
+                list(chunk.len(), 1)
+            );
+            let mut q = self.statement(sql);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            for r in q.fetch_all(&self.pool).await? {
+                let key: Vec<u8> = r.try_get("public_key")?;
+                let key = key
+                    .try_into()
+                    .map_err(|_| anyhow::anyhow!("stored device key is not 32 bytes"))?;
+                keys.push((r.try_get("id")?, key));
+            }
+        }
+        Ok(keys)
+    }
+
+    /// The standing of those of `ids` that are registered, read in the ingest's write
+    /// transaction. On PostgreSQL the rows stay locked until it ends, so two registry
+    /// replicas never both take the same report; SQLite's write transaction is already
+    /// the only one.
+    pub async fn standings(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        ids: &[&str],
+    ) -> anyhow::Result<HashMap<String, Standing>> {
+        let mut standings = HashMap::with_capacity(ids.len());
+        let lock = if self.sqlite { "" } else { " FOR UPDATE" };
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "SELECT id, report_counter, report_window, will_counter, will_spent, \
+                 revoked_at FROM device_identities WHERE id IN ({}) ORDER BY id{lock}",
+                list(chunk.len(), 1)
+            );
+            let mut q = self.statement(sql);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            for r in q.fetch_all(&mut **tx).await? {
+                // Counters are u64 on the wire and BIGINT here; the window is a bit set.
+                let counters = Counters {
+                    highest: r.try_get::<i64, _>("report_counter")? as u64,
+                    window: r.try_get::<i64, _>("report_window")? as u64,
+                    will: r.try_get::<i64, _>("will_counter")? as u64,
+                    will_spent: r.try_get::<i64, _>("will_spent")? != 0,
+                };
+                let revoked = r.try_get::<Option<i64>, _>("revoked_at")?.is_some();
+                standings.insert(r.try_get("id")?, Standing { counters, revoked });
+            }
+        }
+        Ok(standings)
+    }
+
+    /// Stores the counters an ingest batch moved, one statement per chunk of devices.
+    pub async fn save_counters(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        counters: &[(&str, Counters)],
+    ) -> anyhow::Result<()> {
+        for chunk in counters.chunks(ROWS_PER_STATEMENT) {
+            // Both databases name the columns of a VALUES list column1, column2, …
+            let sql = format!(
+                "UPDATE device_identities SET report_counter = v.column2, \
+                 report_window = v.column3, will_counter = v.column4, will_spent = v.column5 \
+                 FROM (VALUES {}) AS v WHERE device_identities.id = v.column1",
+                placeholders(chunk.len(), 5, 1)
+            );
+            let mut q = self.statement(sql);
+            for (id, c) in chunk {
+                q = q
+                    .bind(*id)
+                    .bind(c.highest as i64)
+                    .bind(c.window as i64)
+                    .bind(c.will as i64)
+                    .bind(i64::from(c.will_spent));
+            }
+            q.execute(&mut **tx).await?;
+        }
+        Ok(())
     }
 }

@@ -23,7 +23,7 @@ pub use devices::{
     DeviceModule, DeviceView, EventView, EventWrite, FleetFilter, FleetSummary, PresenceWrite,
     StatusWrite, VersionCount,
 };
-pub use identities::{Identity, NewIdentity};
+pub use identities::{Identity, NewIdentity, Standing};
 pub use modules::{InsertOutcome, ModuleRow};
 
 use anyhow::Context as _;

@@ -177,7 +177,7 @@ impl Db {
     /// Judges the updating devices of `r` that reported since `since` (registry clock;
     /// 0: all of them) by their reports, in one transaction of three statements for the
     /// whole rollout: failed if it reported a failure of the rollout's version (or
-    /// rejected a manifest for another reason than a replay) since it was assigned;
+    /// rejected a manifest; a replayed one is its own kind of event) since it was assigned;
     /// succeeded if it reports the version running; failed if it did neither within the
     /// stage timeout. Returns what changed.
     ///
@@ -192,7 +192,7 @@ impl Db {
         let failure = format!(
             "e.device = rollout_devices.device AND e.received_at >= rollout_devices.assigned_at \
              AND ((e.kind IN ({}) AND e.module = $2 AND e.version = $3) \
-                  OR (e.kind = 'manifest_rejected' AND e.reason NOT LIKE 'replayed manifest%'))",
+                  OR e.kind = 'manifest_rejected')",
             failure_kinds()
         );
         // Drive both statements from the devices heard from (the primary key's

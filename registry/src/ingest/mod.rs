@@ -20,10 +20,18 @@
 //! of unacknowledged QoS 1 messages out to us (devices publish everything at QoS 1). Messages refused on
 //! purpose (undecodable, spoofed, unstorable) are counted by [`Refusal`] reason and
 //! acknowledged: they will not get better by being delivered again.
+//!
+//! The registry never trusts the broker for who speaks: every report is sealed by its
+//! device's own key and numbered (`wpm_manifests::report`); ingest takes only reports
+//! of registered, non-revoked devices whose seal verifies and whose counter is new
+//! ([`admit`]), whatever broker carried them and whoever could publish there.
 
+mod admit;
 mod decode;
+mod keys;
 mod writer;
 
+pub use admit::Counters;
 pub use decode::{event_detail, Refusal};
 
 use crate::db::Db;
@@ -72,10 +80,14 @@ impl IngestStats {
 
     fn refuse(&self, reason: Refusal, topic: &str, detail: &str) {
         self.refused[reason as usize].fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(
-            %topic, reason = reason.as_str(), detail,
-            "device message refused"
-        );
+        if reason.is_routine() {
+            tracing::debug!(%topic, reason = reason.as_str(), detail, "device message dropped");
+        } else {
+            tracing::warn!(
+                %topic, reason = reason.as_str(), detail,
+                "device message refused"
+            );
+        }
     }
 
     /// Received but neither written nor refused yet: in the writer's hands.

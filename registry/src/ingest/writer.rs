@@ -1,15 +1,22 @@
 //! The ingest's writer: batches reports, decodes them, writes each batch in one
 //! transaction and only then acknowledges its messages to the broker.
 //!
-//! Two stages run side by side, so decoding the next batch overlaps writing this one:
+//! Two stages run side by side, so verifying the next batch overlaps writing this one:
 //!
 //! ```text
-//! messages ──▶ batcher: collect (up to BATCH_MAX or BATCH_WINDOW), decode ──▶ committer: write, retry, ack
+//! messages ──▶ batcher: collect (up to BATCH_MAX or BATCH_WINDOW), verify seals ──▶ committer: admit by counter, write, retry, ack
 //! ```
+//!
+//! Which verified reports are new is decided in the write transaction, from the
+//! counters stored with each device's identity: two registry replicas sharing the
+//! ingest never both take one report, and a batch written again after a failure is
+//! judged again.
 
-use super::decode::{decode_message, Decoded, Raw};
+use super::admit::{Counters, Verdict};
+use super::decode::{decode_message, Decoded, Raw, Verified};
+use super::keys::DeviceKeys;
 use super::{IngestStats, Refusal, BATCH_MAX, BATCH_WINDOW};
-use crate::db::{self, Db};
+use crate::db::{self, Db, Standing};
 use rumqttc::v5::mqttbytes::v5::Publish;
 use rumqttc::v5::AsyncClient;
 use std::collections::{HashMap, HashSet};
@@ -17,6 +24,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
+use wpm_manifests::topic::parse_device_topic;
 
 /// Failed writes of a batch (or of one message) before the database is taken to refuse
 /// it rather than to be busy.
@@ -33,7 +41,9 @@ pub(super) async fn run(
 ) {
     let (prepared_tx, mut prepared_rx) = mpsc::channel::<Prepared>(1);
     let batcher_stats = stats.clone();
+    let batcher_db = db.clone();
     let batcher = tokio::spawn(async move {
+        let mut keys = DeviceKeys::default();
         loop {
             let Some(first) = rx.recv().await else { break };
             let mut publishes = Vec::with_capacity(BATCH_MAX);
@@ -45,7 +55,7 @@ pub(super) async fn run(
                     Ok(None) | Err(_) => break,
                 }
             }
-            let prepared = Prepared::new(publishes, &batcher_stats);
+            let prepared = Prepared::new(publishes, &batcher_stats, &batcher_db, &mut keys).await;
             if prepared_tx.send(prepared).await.is_err() {
                 break;
             }
@@ -70,100 +80,186 @@ struct Batch {
     presences: HashMap<String, db::PresenceWrite>,
     events: Vec<db::EventWrite>,
     seen: HashSet<String>,
+    /// Reports taken.
     messages: u64,
 }
 
-impl Batch {
-    fn add(&mut self, d: Decoded) {
-        self.messages += 1;
-        match d {
+/// What the counters made of a batch's verified reports.
+struct Admitted<'a> {
+    batch: Batch,
+    refused: Vec<(Refusal, &'a Verified)>,
+    /// The counters of every device that had a report taken, to store.
+    counters: Vec<(&'a str, Counters)>,
+}
+
+/// Decides report by report, in the order the broker delivered them, which are new
+/// ([`Counters::admit`]) from each device's `standings`, and collects those into the
+/// batch's writes. Pure.
+fn admit<'a>(reports: &'a [Verified], standings: &HashMap<String, Standing>) -> Admitted<'a> {
+    let mut batch = Batch::default();
+    let mut refused = Vec::new();
+    let mut counters: HashMap<&str, Counters> = HashMap::new();
+    for r in reports {
+        let Some(standing) = standings.get(&r.device) else {
+            refused.push((Refusal::UnknownDevice, r));
+            continue;
+        };
+        if standing.revoked {
+            refused.push((Refusal::Revoked, r));
+            continue;
+        }
+        let c = counters.entry(&r.device).or_insert(standing.counters);
+        let offline = matches!(&r.decoded, Decoded::Presence(p, _) if !p.online);
+        let verdict = c.admit(r.counter, offline);
+        match verdict {
+            Verdict::Fresh | Verdict::Will => {}
+            Verdict::Duplicate => {
+                refused.push((Refusal::Duplicate, r));
+                continue;
+            }
+            Verdict::Replayed => {
+                refused.push((Refusal::Replayed, r));
+                continue;
+            }
+        }
+        batch.messages += 1;
+        match &r.decoded {
             Decoded::Status(s) => {
-                let newer = self
-                    .statuses
-                    .get(&s.device)
-                    .is_none_or(|old| old.status_at <= s.status_at);
+                let newer =
+                    (batch.statuses.get(&s.device)).is_none_or(|old| old.counter < s.counter);
                 if newer {
-                    self.statuses.insert(s.device.clone(), s);
+                    batch.statuses.insert(s.device.clone(), s.clone());
                 }
             }
-            Decoded::Presence(p) => {
-                self.presences.insert(p.device.clone(), p);
+            Decoded::Presence(p, announces) => {
+                if let Some(will) = announces.filter(|_| p.online) {
+                    c.announce(will);
+                }
+                let will = verdict == Verdict::Will;
+                let newer = (batch.presences.get(&p.device))
+                    .is_none_or(|old| will || old.counter < p.counter);
+                if newer {
+                    let p = db::PresenceWrite { will, ..p.clone() };
+                    batch.presences.insert(p.device.clone(), p);
+                }
             }
             Decoded::Event(e) => {
-                self.seen.insert(e.device.clone());
-                self.events.push(e)
+                batch.seen.insert(e.device.clone());
+                batch.events.push(e.clone());
             }
             Decoded::Seen(device) => {
-                self.seen.insert(device);
+                batch.seen.insert(device.clone());
             }
-            Decoded::Ignored => {}
         }
     }
-
-    async fn commit(&self, db: &Db, now: i64) -> anyhow::Result<()> {
-        let statuses: Vec<_> = self.statuses.values().collect();
-        let presences: Vec<_> = self.presences.values().collect();
-        let seen: Vec<_> = self.seen.iter().collect();
-        db.write_batch(&statuses, &presences, &self.events, &seen, now)
-            .await
+    let mut counters: Vec<_> = counters.into_iter().collect();
+    counters.sort_unstable_by_key(|(id, _)| *id);
+    Admitted {
+        batch,
+        refused,
+        counters,
     }
 }
 
-/// A batch decoded and ready to write, with the messages it acknowledges.
+/// Writes `reports` in one transaction: reads their devices' standings (locked),
+/// admits, writes what was taken and the moved counters.
+async fn commit<'a>(db: &Db, reports: &'a [Verified], now: i64) -> anyhow::Result<Admitted<'a>> {
+    let mut devices: Vec<&str> = reports.iter().map(|r| r.device.as_str()).collect();
+    devices.sort_unstable();
+    devices.dedup();
+    let mut tx = db.begin_write().await?;
+    let standings = db.standings(&mut tx, &devices).await?;
+    let admitted = admit(reports, &standings);
+    let b = &admitted.batch;
+    let statuses: Vec<_> = b.statuses.values().collect();
+    let presences: Vec<_> = b.presences.values().collect();
+    let seen: Vec<_> = b.seen.iter().collect();
+    db.write_reports(&mut tx, &statuses, &presences, &b.events, &seen, now)
+        .await?;
+    db.save_counters(&mut tx, &admitted.counters).await?;
+    tx.commit().await?;
+    Ok(admitted)
+}
+
+/// A batch verified and ready to write, with the messages it acknowledges.
 struct Prepared {
     publishes: Vec<Publish>,
-    batch: Batch,
-    /// The decodable messages, to write one by one if the batch is refused.
-    raws: Vec<Raw>,
+    reports: Vec<Verified>,
+    /// Empty retained payloads (a record being cleared): nothing to write.
+    empty: u64,
     now: i64,
 }
 
 impl Prepared {
-    /// Decodes; refusals are counted here.
-    fn new(publishes: Vec<Publish>, stats: &IngestStats) -> Prepared {
+    /// Verifies and decodes; refusals are counted here. Waits while the database
+    /// cannot say which devices are registered.
+    async fn new(
+        publishes: Vec<Publish>,
+        stats: &IngestStats,
+        db: &Db,
+        keys: &mut DeviceKeys,
+    ) -> Prepared {
         let now = db::now_ms();
-        let mut batch = Batch::default();
-        let mut raws = Vec::with_capacity(publishes.len());
-        for p in &publishes {
-            let raw = Raw {
+        let raws: Vec<Raw> = publishes
+            .iter()
+            .map(|p| Raw {
                 topic: String::from_utf8_lossy(&p.topic).into_owned(),
                 payload: p.payload.to_vec(),
                 retained: p.retain,
-            };
-            match decode_message(&raw, now) {
-                Ok(d) => {
-                    raws.push(raw);
-                    batch.add(d);
+            })
+            .collect();
+        let devices: Vec<&str> = raws
+            .iter()
+            .filter_map(|r| parse_device_topic(&r.topic))
+            .map(|t| t.device())
+            .collect();
+        let mut wait = Duration::from_millis(100);
+        while let Err(e) = keys.load(db, devices.iter().copied()).await {
+            tracing::error!(error = format!("{e:#}"), "cannot read device keys; waiting");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+        let mut reports = Vec::with_capacity(raws.len());
+        let mut empty = 0;
+        for raw in &raws {
+            match decode_message(raw, now, keys) {
+                Ok(Some(v)) => reports.push(v),
+                Ok(None) => empty += 1,
+                Err(r) => {
+                    if r.reason == Refusal::BadSignature {
+                        if let Some(t) = parse_device_topic(&raw.topic) {
+                            keys.forget(t.device());
+                        }
+                    }
+                    stats.refuse(r.reason, &raw.topic, &r.detail);
                 }
-                Err(r) => stats.refuse(r.reason, &raw.topic, &r.detail),
             }
         }
         Prepared {
             publishes,
-            batch,
-            raws,
+            reports,
+            empty,
             now,
         }
     }
 
     /// Writes the batch, retrying until the database takes it. While the database is
     /// unreachable this waits (the broker holds everything unacknowledged); when it is
-    /// reachable but refused the batch [`ATTEMPTS`] times, the messages are written one
+    /// reachable but refused the batch [`ATTEMPTS`] times, the reports are written one
     /// by one and any the database still refuses [`ATTEMPTS`] times is counted as
     /// [`Refusal::DatabaseRefused`].
     async fn write(&self, db: &Db, stats: &IngestStats) {
+        stats.written.fetch_add(self.empty, Ordering::Relaxed);
         let mut wait = Duration::from_millis(100);
         let mut attempts = 0;
         loop {
             let t = std::time::Instant::now();
-            match self.batch.commit(db, self.now).await {
-                Ok(()) => {
-                    stats
-                        .written
-                        .fetch_add(self.batch.messages, Ordering::Relaxed);
+            match commit(db, &self.reports, self.now).await {
+                Ok(admitted) => {
+                    count(stats, &admitted);
                     tracing::debug!(
-                        messages = self.batch.messages,
-                        statuses = self.batch.statuses.len(),
+                        messages = admitted.batch.messages,
+                        statuses = admitted.batch.statuses.len(),
                         took_ms = t.elapsed().as_millis() as u64,
                         "ingest batch written"
                     );
@@ -173,7 +269,7 @@ impl Prepared {
                     stats.write_retries.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(
                         error = format!("{e:#}"),
-                        messages = self.batch.messages,
+                        messages = self.reports.len(),
                         "ingest batch failed"
                     );
                 }
@@ -185,15 +281,12 @@ impl Prepared {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(5));
         }
-        for raw in &self.raws {
-            let mut one = Batch::default();
-            if let Ok(d) = decode_message(raw, self.now) {
-                one.add(d);
-            }
+        for one in self.reports.chunks(1) {
             let mut last = None;
             for attempt in 0..ATTEMPTS {
-                match one.commit(db, self.now).await {
-                    Ok(()) => {
+                match commit(db, one, self.now).await {
+                    Ok(admitted) => {
+                        count(stats, &admitted);
                         last = None;
                         break;
                     }
@@ -201,12 +294,130 @@ impl Prepared {
                 }
                 tokio::time::sleep(Duration::from_millis(100) * (attempt + 1)).await;
             }
-            match last {
-                None => {
-                    stats.written.fetch_add(1, Ordering::Relaxed);
-                }
-                Some(e) => stats.refuse(Refusal::DatabaseRefused, &raw.topic, &format!("{e:#}")),
+            if let Some(e) = last {
+                stats.refuse(Refusal::DatabaseRefused, &one[0].topic, &format!("{e:#}"));
             }
         }
+    }
+}
+
+fn count(stats: &IngestStats, admitted: &Admitted<'_>) {
+    stats
+        .written
+        .fetch_add(admitted.batch.messages, Ordering::Relaxed);
+    for (reason, r) in &admitted.refused {
+        stats.refuse(*reason, &r.topic, &format!("counter {}", r.counter));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn presence(device: &str, counter: u64, online: bool, announces: Option<u64>) -> Verified {
+        Verified {
+            topic: format!("wpm/v1/device/{device}/presence"),
+            device: device.into(),
+            counter,
+            decoded: Decoded::Presence(
+                db::PresenceWrite {
+                    device: device.into(),
+                    online,
+                    counter: counter as i64,
+                    will: false,
+                    seen_at: 1,
+                },
+                announces,
+            ),
+        }
+    }
+
+    fn telemetry(device: &str, counter: u64) -> Verified {
+        Verified {
+            topic: format!("wpm/v1/device/{device}/telemetry/m"),
+            device: device.into(),
+            counter,
+            decoded: Decoded::Seen(device.into()),
+        }
+    }
+
+    fn standing(highest: u64) -> Standing {
+        Standing {
+            counters: Counters {
+                highest,
+                ..Counters::default()
+            },
+            revoked: false,
+        }
+    }
+
+    fn reasons(a: &Admitted<'_>) -> Vec<(Refusal, u64)> {
+        a.refused.iter().map(|(r, v)| (*r, v.counter)).collect()
+    }
+
+    #[test]
+    fn only_new_reports_of_registered_unrevoked_devices_are_taken() {
+        let standings = HashMap::from([
+            ("d1".to_string(), standing(10)),
+            (
+                "gone".to_string(),
+                Standing {
+                    revoked: true,
+                    ..standing(0)
+                },
+            ),
+        ]);
+        let reports = [
+            telemetry("d1", 11),
+            telemetry("d1", 10), // the retained copy of the last one taken
+            telemetry("d1", 11), // a redelivery
+            telemetry("gone", 5),
+            telemetry("nobody", 5),
+            telemetry("d1", 12),
+        ];
+        let a = admit(&reports, &standings);
+        assert_eq!(a.batch.messages, 2);
+        assert_eq!(
+            reasons(&a),
+            [
+                (Refusal::Duplicate, 10),
+                (Refusal::Duplicate, 11),
+                (Refusal::Revoked, 5),
+                (Refusal::UnknownDevice, 5)
+            ]
+        );
+        assert_eq!(a.counters.len(), 1);
+        assert_eq!(a.counters[0].1.highest, 12);
+    }
+
+    #[test]
+    fn the_announced_will_takes_the_device_offline_once() {
+        let standings = HashMap::from([("d1".to_string(), standing(0))]);
+        // Will sealed at 20, then the session: its presence announces the will.
+        let reports = [
+            presence("d1", 21, true, Some(20)),
+            telemetry("d1", 22),
+            presence("d1", 20, false, None),
+            presence("d1", 20, false, None),
+        ];
+        let a = admit(&reports, &standings);
+        let p = &a.batch.presences["d1"];
+        assert!(!p.online && p.will, "{p:?}");
+        assert_eq!(reasons(&a), [(Refusal::Replayed, 20)]);
+    }
+
+    #[test]
+    fn a_presence_from_a_later_session_outranks_an_earlier_will() {
+        let standings = HashMap::from([("d1".to_string(), standing(0))]);
+        let reports = [
+            presence("d1", 21, true, Some(20)),
+            presence("d1", 20, false, None),
+            // The next session: its will at 30, its presence announces it.
+            presence("d1", 31, true, Some(30)),
+        ];
+        let a = admit(&reports, &standings);
+        let p = &a.batch.presences["d1"];
+        assert!(p.online && !p.will, "{p:?}");
+        assert_eq!(a.counters[0].1.will, 30);
     }
 }

@@ -211,53 +211,110 @@ pub async fn collect(
     got
 }
 
-/// A device stand-in: an MQTT client with the device's last will.
+/// A plain MQTT client, connected: the attacker on the wire, or a device's link.
+pub async fn plain_client(
+    url: &str,
+    id: &str,
+    will: Option<LastWill>,
+) -> (AsyncClient, tokio::task::JoinHandle<()>) {
+    let mut o = mqtt_options(url, id);
+    if let Some(will) = will {
+        o.set_last_will(will);
+    }
+    let (client, mut ev) = AsyncClient::new(o, 100);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut tx = Some(tx);
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(_) => {}
+                // Disconnected (cut_power, disconnect): the test sees the effects.
+                Err(_) => break,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("MQTT client connects")
+        .unwrap();
+    (client, task)
+}
+
+/// A device stand-in: an MQTT client with its own registered key, sealing and
+/// numbering its reports as a device does, with a sealed last will it announces.
 pub struct FakeDevice {
     pub id: String,
     pub client: AsyncClient,
+    pub key: wpm_manifests::KeyPair,
+    counter: std::sync::atomic::AtomicU64,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl FakeDevice {
-    pub async fn connect(url: &str, id: &str) -> FakeDevice {
-        let mut o = mqtt_options(url, id);
-        o.set_last_will(LastWill::new(
+    /// Registers a new key for `id` with the registry, then connects with the will
+    /// sealed first (counter 1).
+    pub async fn connect(reg: &Registry, id: &str) -> FakeDevice {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).unwrap();
+        let key = wpm_manifests::KeyPair::from_seed(&seed);
+        Self::connect_as(reg, &key, id, 1).await
+    }
+
+    /// Connects as `id` with `key` (registered if it is not), its will sealed with
+    /// counter `first` and its reports numbered from there on.
+    pub async fn connect_as(
+        reg: &Registry,
+        key: &wpm_manifests::KeyPair,
+        id: &str,
+        first: u64,
+    ) -> FakeDevice {
+        let key = wpm_manifests::KeyPair::from_seed(&key.seed());
+        let (status, answer) = Api::new(reg)
+            .send(
+                reqwest::Method::POST,
+                "/v1/devices",
+                Some(serde_json::json!({"devices": [
+                    {"id": id, "public_key": hex::encode(key.public()), "groups": []}
+                ]})),
+            )
+            .await;
+        assert!(status == 201 || status == 200, "{status} {answer}");
+        let will = LastWill::new(
             wpm_manifests::Topic::Presence(id).render(),
-            wpm_manifests::encode(&wpm_manifests::Presence {
-                online: false,
-                will: None,
-            }),
+            seal(&key, id, first, offline()),
             QoS::AtLeastOnce,
             false,
-        ));
-        let (client, mut ev) = AsyncClient::new(o, 100);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(async move {
-            let mut tx = Some(tx);
-            loop {
-                match ev.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        if let Some(tx) = tx.take() {
-                            let _ = tx.send(());
-                        }
-                    }
-                    Ok(_) => {}
-                    // Disconnected (cut_power, disconnect): the test sees the effects.
-                    Err(_) => break,
-                }
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(10), rx)
-            .await
-            .expect("fake device connects")
-            .unwrap();
+        );
+        let (client, task) = plain_client(&reg.mqtt_url(), id, Some(will)).await;
         FakeDevice {
             id: id.to_string(),
             client,
+            key,
+            counter: (first + 1).into(),
             task,
         }
     }
 
+    /// Seals `body` with the next counter; the bytes a genuine report has on the wire.
+    pub fn seal(&self, body: wpm_manifests::ReportBody) -> Vec<u8> {
+        let n = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        seal(&self.key, &self.id, n, body)
+    }
+
+    /// Seals and publishes `body` on `topic`.
+    pub async fn report(&self, topic: String, body: wpm_manifests::ReportBody) {
+        let payload = self.seal(body);
+        self.publish(topic, payload).await;
+    }
+
+    /// Publishes bytes as they are (a replay, a forgery, garbage).
     pub async fn publish(&self, topic: String, payload: Vec<u8>) {
         self.client
             .publish(topic, QoS::AtLeastOnce, false, payload)
@@ -269,6 +326,26 @@ impl FakeDevice {
     pub fn cut_power(self) {
         self.task.abort();
     }
+}
+
+fn offline() -> wpm_manifests::ReportBody {
+    wpm_manifests::ReportBody::Presence(wpm_manifests::Presence {
+        online: false,
+        will: None,
+    })
+}
+
+pub fn seal(
+    key: &wpm_manifests::KeyPair,
+    device: &str,
+    counter: u64,
+    body: wpm_manifests::ReportBody,
+) -> Vec<u8> {
+    key.seal(&wpm_manifests::Report {
+        device: device.to_string(),
+        counter,
+        body,
+    })
 }
 
 /// Polls `f` until it returns Some or `timeout` passes.

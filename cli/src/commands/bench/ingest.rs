@@ -17,7 +17,7 @@ use super::child::{free_port, OwnMosquitto, RegistryBroker, RegistryChild};
 use super::BrokerArgs;
 use crate::output::{emit, emit_json};
 use crate::GlobalArgs;
-use wpm_manifests::{encode, DeviceStatus, ModuleState, ModuleStatus, Topic};
+use wpm_manifests::{DeviceStatus, KeyPair, ModuleState, ModuleStatus, Report, ReportBody, Topic};
 
 #[derive(Debug, Args)]
 pub struct IngestBenchArgs {
@@ -37,9 +37,10 @@ pub struct IngestBenchArgs {
     pub broker: BrokerArgs,
 }
 
-/// A status record as a device with one running module sends it.
-fn status(device: &str, at_ms: u64) -> Vec<u8> {
-    encode(&DeviceStatus {
+/// A status record as a device with one running module sends it: sealed with the
+/// device's key, numbered `counter`.
+fn status(device: &str, key: &KeyPair, counter: u64, at_ms: u64) -> Vec<u8> {
+    let status = DeviceStatus {
         device: device.to_string(),
         groups: vec!["bench".into()],
         sequence: 7,
@@ -56,6 +57,11 @@ fn status(device: &str, at_ms: u64) -> Vec<u8> {
         ram_free: 90_000,
         last_error: None,
         at_ms,
+    };
+    key.seal(&Report {
+        device: device.to_string(),
+        counter,
+        body: ReportBody::Status(status),
     })
 }
 
@@ -97,9 +103,40 @@ pub async fn run(global: &GlobalArgs, args: IngestBenchArgs) -> Result<()> {
     let publishers = args.publishers.max(1);
     let per = args.records / publishers;
     let total = per * publishers;
+    let devices = (args.devices / publishers).max(1);
+    // The devices are registered and their records sealed before the clock starts: the
+    // bench measures the registry, which verifies every seal.
+    let keys: Vec<Vec<(String, KeyPair)>> = (0..publishers)
+        .map(|p| {
+            (0..devices.min(per))
+                .map(|i| {
+                    let id = format!("ingest-{p}-{i:05}");
+                    let key = KeyPair::from_seed(&wpm_manifests::sha256(id.as_bytes()));
+                    (id, key)
+                })
+                .collect()
+        })
+        .collect();
+    let identities: Vec<(String, [u8; 32])> = (keys.iter().flatten())
+        .map(|(id, k)| (id.clone(), k.public()))
+        .collect();
+    crate::commands::identity::register_simulated(client, &identities, &["bench".into()]).await?;
+    let records: Vec<Vec<(String, Vec<u8>)>> = keys
+        .iter()
+        .map(|devices| {
+            (0..per)
+                .map(|i| {
+                    let (id, key) = &devices[(i % devices.len() as u64) as usize];
+                    let at = 1_790_000_000_000 + i;
+                    // Each device's records go out in counter order.
+                    (Topic::Status(id).render(), status(id, key, i + 1, at))
+                })
+                .collect()
+        })
+        .collect();
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for p in 0..publishers {
+    for (p, records) in records.into_iter().enumerate() {
         let mut o = MqttOptions::new(
             format!("wpm-bench-ingest-{}-{p}", std::process::id()),
             host.clone(),
@@ -109,7 +146,6 @@ pub async fn run(global: &GlobalArgs, args: IngestBenchArgs) -> Result<()> {
             .set_outgoing_inflight_upper_limit(1000);
         let (c, mut ev) = AsyncClient::new(o, 1000);
         let published = published.clone();
-        let devices = (args.devices / publishers).max(1);
         tasks.spawn(async move {
             let driver = tokio::spawn(async move {
                 loop {
@@ -122,16 +158,8 @@ pub async fn run(global: &GlobalArgs, args: IngestBenchArgs) -> Result<()> {
                     }
                 }
             });
-            for i in 0..per {
-                let device = format!("ingest-{p}-{:05}", i % devices);
-                let at = 1_790_000_000_000 + i;
-                c.publish(
-                    Topic::Status(&device).render(),
-                    QoS::AtLeastOnce,
-                    true,
-                    status(&device, at),
-                )
-                .await?;
+            for (topic, payload) in records {
+                c.publish(topic, QoS::AtLeastOnce, true, payload).await?;
             }
             // Keep the connection until the broker acknowledged everything.
             driver.await?

@@ -298,18 +298,31 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
     let stall = Duration::from_secs(args.timeout);
     let timing = Latencies::default();
     let timing = &timing;
-    let started = Instant::now();
-    let mut fleets = Vec::new();
-    for (i, start) in (0..args.devices)
+    let secret = wpm_registry::keys::random_bytes()?;
+    let configs: Vec<wpm_sim::FleetConfig> = (0..args.devices)
         .step_by(args.connect_batch.max(1))
         .enumerate()
-    {
-        let mut c = wpm_sim::FleetConfig::new(device_url.clone(), vec![registry.key]);
-        c.devices = args.connect_batch.min(args.devices - start);
-        c.groups = vec![group.clone()];
-        c.id_prefix = format!("bench-{i:03}");
-        c.flash_size = 256 * 1024;
-        c.probe = Some(probe.clone());
+        .map(|(i, start)| {
+            let mut c = wpm_sim::FleetConfig::new(device_url.clone(), vec![registry.key], secret);
+            c.devices = args.connect_batch.min(args.devices - start);
+            c.groups = vec![group.clone()];
+            c.id_prefix = format!("bench-{i:03}");
+            c.flash_size = 256 * 1024;
+            c.probe = Some(probe.clone());
+            c
+        })
+        .collect();
+    // The whole fleet in one registration, as `wpm device import` of a production batch.
+    let identities: Vec<_> = configs.iter().flat_map(|c| c.identities()).collect();
+    crate::commands::identity::register_simulated(
+        client,
+        &identities,
+        std::slice::from_ref(&group),
+    )
+    .await?;
+    let started = Instant::now();
+    let mut fleets = Vec::new();
+    for c in configs {
         fleets.push(wpm_sim::Fleet::start(c).await?);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

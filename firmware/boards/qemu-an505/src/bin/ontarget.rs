@@ -22,7 +22,10 @@ use alloc::vec;
 use alloc::vec::Vec;
 use cortex_m_rt::entry;
 use wpm_device_pm::{Config, Device, Input, Limits, Output, Tuning};
-use wpm_manifests::{Deployment, Event, EventKind, ModuleState, Target, Topic, TrustedKeys};
+use wpm_manifests::{
+    Deployment, DeviceStatus, EventKind, KeyPair, ModuleState, ModuleStatus, Report, ReportBody,
+    Target, Topic, TrustedKeys,
+};
 use wpm_provisioning::Record;
 use wpm_qemu_an505::{self as board, hprintln, Messages, RamNorFlash};
 
@@ -65,10 +68,14 @@ struct Harness {
     telemetry: BTreeMap<String, (u32, Vec<u8>)>,
     logs: Vec<(String, String)>,
     retained_status: Option<Vec<u8>>,
+    /// The device's public key: every report it publishes must open with it.
+    reports: TrustedKeys,
 }
 
 impl Harness {
-    fn new(device: Device<RamNorFlash>, device_id: String, now_ms: u64) -> Self {
+    fn new(device: Device<RamNorFlash>, record: &Record, now_ms: u64) -> Self {
+        let device_id = record.device_id.clone();
+        let reports = TrustedKeys::new(&[KeyPair::from_seed(&record.device_key).public()]);
         let retained = Messages(IMAGE)
             .filter(|(t, _)| !t.starts_with("test/"))
             .collect();
@@ -83,6 +90,7 @@ impl Harness {
             telemetry: BTreeMap::new(),
             logs: Vec::new(),
             retained_status: None,
+            reports,
         }
     }
 
@@ -109,20 +117,31 @@ impl Harness {
                         self.subscribed.remove(&topic);
                     }
                     Output::Publish { topic, payload, .. } => {
-                        if topic == events_topic {
-                            match wpm_manifests::decode::<Event>(&payload) {
-                                Ok(e) => self.events.push(e.kind),
-                                Err(e) => hprintln!("  undecodable event: {}", e),
+                        let report = match self.reports.open::<Report>(&payload) {
+                            Ok(r) => r,
+                            Err(e) => {
+                                hprintln!("  a report that does not open: {}", e);
+                                continue;
                             }
-                        } else if topic == status_topic {
-                            self.retained_status = Some(payload);
-                        } else if let Some(module) = topic.strip_prefix(&telemetry_prefix) {
-                            let entry = self
-                                .telemetry
-                                .entry(module.trim_start_matches('/').to_string())
-                                .or_insert((0, Vec::new()));
-                            entry.0 += 1;
-                            entry.1 = payload;
+                        };
+                        match report.body {
+                            ReportBody::Event(e) if topic == events_topic => {
+                                self.events.push(e.kind)
+                            }
+                            ReportBody::Status(_) if topic == status_topic => {
+                                self.retained_status = Some(payload);
+                            }
+                            ReportBody::Telemetry(bytes) => {
+                                if let Some(module) = topic.strip_prefix(&telemetry_prefix) {
+                                    let entry = self
+                                        .telemetry
+                                        .entry(module.trim_start_matches('/').to_string())
+                                        .or_insert((0, Vec::new()));
+                                    entry.0 += 1;
+                                    entry.1 = bytes.to_vec();
+                                }
+                            }
+                            _ => {}
                         }
                     }
                     Output::Log {
@@ -304,6 +323,7 @@ fn scenario(c: &mut Checks) -> Vec<Row> {
         device_id: record.device_id.clone(),
         groups: record.groups.clone(),
         trusted_keys: record.trusted_keys(),
+        device_key: *record.device_key,
         tuning: Tuning {
             slots: 3,
             turn_interval_ms: TURN_MS,
@@ -322,7 +342,7 @@ fn scenario(c: &mut Checks) -> Vec<Row> {
         what: "boot on an erased store (format the state pages)",
         instructions: boot,
     });
-    let mut h = Harness::new(device, record.device_id.clone(), t0);
+    let mut h = Harness::new(device, &record, t0);
     let group = Topic::Deployment(&Target::Group("qemu".into())).render();
 
     hprintln!("link up");
@@ -493,7 +513,7 @@ fn scenario(c: &mut Checks) -> Vec<Row> {
     });
     let device = device.unwrap_or_else(|e| panic!("store after power cycle: {e}"));
     let now = h.now_ms;
-    let mut h = Harness::new(device, record.device_id.clone(), now);
+    let mut h = Harness::new(device, &record, now);
     h.device.handle(h.now_ms, Input::LinkUp);
     h.pump();
     c.check(
@@ -538,7 +558,7 @@ fn scenario(c: &mut Checks) -> Vec<Row> {
     let device = Device::with_limits(config.clone(), no_pool, flash, h.now_ms)
         .unwrap_or_else(|e| panic!("store after the second power cycle: {e}"));
     let now = h.now_ms;
-    let mut h = Harness::new(device, record.device_id.clone(), now);
+    let mut h = Harness::new(device, &record, now);
     h.device.handle(h.now_ms, Input::LinkUp);
     h.pump();
     evict_and_restore(
@@ -649,9 +669,46 @@ fn benchmarks(c: &mut Checks) -> Vec<Row> {
     });
     drop(data);
 
-    let key = Record::decode(fixtures::PROVISIONING)
-        .unwrap()
-        .trusted_keys();
+    let record = Record::decode(fixtures::PROVISIONING).unwrap();
+    let device_key = KeyPair::from_seed(&record.device_key);
+    let status = DeviceStatus {
+        device: record.device_id.clone(),
+        groups: record.groups.clone(),
+        sequence: 7,
+        modules: vec![ModuleStatus {
+            name: "hello".into(),
+            version: "1.0.0".into(),
+            sha256: [7; 32].into(),
+            state: ModuleState::Running,
+            last_error: None,
+        }],
+        slots_used: 1,
+        slots_total: 3,
+        flash_free: 400_000,
+        ram_free: 90_000,
+        last_error: None,
+        at_ms: fixtures::EPOCH_S * 1000,
+    };
+    let plain = wpm_manifests::encode(&status).len();
+    let (seal, sealed) = measure(|| {
+        device_key.seal(&Report {
+            device: record.device_id.clone(),
+            counter: 1 << 32,
+            body: ReportBody::Status(status),
+        })
+    });
+    hprintln!(
+        "  a status report: {} bytes plain, {} sealed (+{})",
+        plain,
+        sealed.len(),
+        sealed.len() - plain
+    );
+    rows.push(Row {
+        what: "sealing one status report (CBOR + ed25519 signature)",
+        instructions: seal,
+    });
+
+    let key = record.trusted_keys();
     let keys = TrustedKeys::new(&key);
     let sealed = named("deploy-1");
     let (verify, opened) = measure(|| keys.open::<Deployment>(sealed));
