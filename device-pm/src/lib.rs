@@ -72,6 +72,9 @@ pub struct Config {
     /// provisioning record; the registry holds the public half). Every report the
     /// device publishes is sealed with it.
     pub device_key: [u8; 32],
+    /// The sequence of the newest deployment addressing the device when it was
+    /// provisioned (0: none): it accepts none older, even on a blank flash.
+    pub sequence_floor: u64,
     /// Slots, chunk window and intervals. `tuning.slots` is the most wasmi runtime
     /// slots; fewer are used when the modules' RAM reservations (see
     /// [`Limits::ram_budget`]) do not fit.
@@ -577,12 +580,16 @@ impl<F: NorFlash> Device<F> {
         if deployment.sequence == accepted {
             return; // The retained copy of what is already accepted.
         }
-        if deployment.sequence < accepted {
+        // Nothing older than what was accepted, nor, on a device new from the factory,
+        // than what was current when it was provisioned: a replayed old deployment
+        // must not roll a fresh device back.
+        let floor = accepted.max(self.config.sequence_floor);
+        if deployment.sequence < floor {
             // Reported, but not the device's error: the running set is as accepted.
             if self.reported_replays.insert(deployment.sequence) {
                 self.event(EventKind::ManifestReplayed {
                     sequence: deployment.sequence,
-                    accepted,
+                    accepted: floor,
                 });
             }
             return;

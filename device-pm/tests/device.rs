@@ -530,3 +530,28 @@ fn a_report_sealed_with_another_key_does_not_open_as_this_device() {
         .open::<wpm_manifests::Report>(presence)
         .is_err());
 }
+
+#[test]
+fn a_new_device_accepts_no_deployment_older_than_its_provisioning_floor() {
+    let mut provisioned = config();
+    provisioned.sequence_floor = 5;
+    let mut w = World::with(provisioned, LIMITS);
+    let hello = w.publish_module("hello", "1.0.0", &wasm("v1", 0, ""));
+    // A genuine, unexpired deployment from before the device was provisioned, replayed.
+    let old = w.deployment(vec![hello.clone()]);
+    w.deploy_signed(&golden::key(), &old);
+    assert_eq!(
+        w.events(),
+        vec![EventKind::ManifestReplayed {
+            sequence: old.sequence,
+            accepted: 5
+        }]
+    );
+    assert_eq!(w.dev().status().sequence, 0);
+    // The one current at provisioning installs.
+    let mut current = w.deployment(vec![hello]);
+    current.sequence = 5;
+    w.deploy_signed(&golden::key(), &current);
+    w.advance(TURN_MS * HEALTH_TURNS as u64);
+    assert_eq!(w.modules(), vec![module_state("hello", "1.0.0", "running")]);
+}

@@ -20,7 +20,9 @@ pub mod topic;
 pub mod types;
 
 pub use report::{Report, ReportBody};
-pub use signing::{sha256, KeyPair, OpenError, Sealed, TrustedKeys};
+#[cfg(feature = "batch")]
+pub use signing::open_many;
+pub use signing::{is_weak_key, sha256, KeyPair, OpenError, Sealed, TrustedKeys};
 pub use topic::{Topic, TopicFilter};
 pub use types::*;
 

@@ -155,3 +155,71 @@ impl TrustedKeys {
         crate::decode(&sealed.body).map_err(OpenError::Malformed)
     }
 }
+
+/// Verifies many sealed statements of one type, each against its own keys, in batches:
+/// ed25519 batch verification costs about a third of one check per signature (measured
+/// 15 µs against 40 µs on the registry's machine). A batch that fails is checked one by
+/// one, so each statement gets exactly what [`TrustedKeys::open`] would give it, and a
+/// flood of forgeries costs no more than checking them singly.
+///
+/// Batch verification accepts what single verification accepts for keys that are not
+/// of small order; whoever registers keys must refuse those ([`is_weak_key`]).
+#[cfg(feature = "batch")]
+pub fn open_many<T: SignedBody>(items: &[(&TrustedKeys, &[u8])]) -> Vec<Result<T, OpenError>> {
+    /// Signatures per batch: past this the saving per signature hardly grows, while a
+    /// forgery costs its whole batch a second, single check.
+    const BATCH: usize = 64;
+    struct Candidate {
+        index: usize,
+        key: VerifyingKey,
+        message: Vec<u8>,
+        signature: Signature,
+        body: ByteVec,
+    }
+    let mut results: Vec<Option<Result<T, OpenError>>> = (0..items.len()).map(|_| None).collect();
+    let mut candidates = Vec::with_capacity(items.len());
+    for (index, (keys, bytes)) in items.iter().enumerate() {
+        let sealed: Sealed = match crate::decode(bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                results[index] = Some(Err(OpenError::Malformed(e)));
+                continue;
+            }
+        };
+        let Some(key) = keys.keys.iter().find(|k| key_id(k) == *sealed.key_id) else {
+            results[index] = Some(Err(OpenError::UnknownKey));
+            continue;
+        };
+        candidates.push(Candidate {
+            index,
+            key: *key,
+            message: signed_message(T::CONTEXT, &sealed.body),
+            signature: Signature::from_bytes(&sealed.signature),
+            body: sealed.body,
+        });
+    }
+    for chunk in candidates.chunks(BATCH) {
+        let messages: Vec<&[u8]> = chunk.iter().map(|c| c.message.as_slice()).collect();
+        let signatures: Vec<Signature> = chunk.iter().map(|c| c.signature).collect();
+        let keys: Vec<VerifyingKey> = chunk.iter().map(|c| c.key).collect();
+        let all_good = ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok();
+        for c in chunk {
+            let good = all_good || c.key.verify_strict(&c.message, &c.signature).is_ok();
+            results[c.index] = Some(if good {
+                crate::decode(&c.body).map_err(OpenError::Malformed)
+            } else {
+                Err(OpenError::BadSignature)
+            });
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.expect("every statement was judged"))
+        .collect()
+}
+
+/// Whether `key` is of small order: a key that makes batch and single verification
+/// disagree, and that no honest device has. Registration refuses it.
+pub fn is_weak_key(key: &[u8; 32]) -> bool {
+    VerifyingKey::from_bytes(key).is_ok_and(|k| k.is_weak())
+}

@@ -383,6 +383,42 @@ async fn check_ingest(reg: &Registry) {
     assert_eq!(refused(&api, "database_refused").await, 0);
 }
 
+/// A device registered into a group is told the sequence of the newest deployment that
+/// addresses it, for its provisioning record's floor.
+async fn check_sequence_floors(reg: &Registry) {
+    use reqwest::Method;
+    let api = Api::new(reg);
+    let (name, group) = (unique("floor"), unique("grp"));
+    assert_eq!(
+        api.put_module(&name, "1.0.0", module_wasm(&name)).await.0,
+        201
+    );
+    let (s, d) = api
+        .deploy(json!({"module": name, "version": "1.0.0", "group": group}))
+        .await;
+    assert_eq!(s, 201, "{d}");
+    let sequence = d["sequence"].as_u64().unwrap();
+    let key = hex::encode(wpm_manifests::KeyPair::from_seed(&[7; 32]).public());
+    let (inside, outside) = (unique("in"), unique("out"));
+    let (s, r) = api
+        .send(
+            Method::POST,
+            "/v1/devices",
+            Some(json!({"devices": [
+                {"id": inside, "public_key": key, "groups": [group]},
+                {"id": outside, "public_key": key, "groups": [unique("other")]},
+            ]})),
+        )
+        .await;
+    assert_eq!(s, 201, "{r}");
+    assert_eq!(r["sequence_floors"][&inside], sequence, "{r}");
+    // The other group has no deployment; the floor is the fleet's, older.
+    assert!(
+        r["sequence_floors"][&outside].as_u64().unwrap() < sequence,
+        "{r}"
+    );
+}
+
 /// Registering device keys (all or none, repeatable with the same key, a conflict with
 /// another), listing, revoking and removing them; malformed keys and ids are refused.
 async fn check_device_identities(reg: &Registry) {
@@ -401,6 +437,13 @@ async fn check_device_identities(reg: &Registry) {
                                  {"id": b, "public_key": key(2)}]))
     .await;
     assert_eq!((s, r["registered"].as_u64()), (201, Some(2)), "{r}");
+    // A production batch of 10,000 in one request.
+    let batch = unique("batch");
+    let many: Vec<serde_json::Value> = (0..10_000u32)
+        .map(|i| json!({"id": format!("{batch}-{i:05}"), "public_key": key(1), "groups": ["eu"]}))
+        .collect();
+    let (s, r) = register(json!(many)).await;
+    assert_eq!((s, r["registered"].as_u64()), (201, Some(10_000)), "{r}");
     // Provisioning again with the same key changes nothing.
     let (s, r) = register(json!([{"id": a, "public_key": key(1), "groups": ["eu"]}])).await;
     assert_eq!((s, r["already_registered"].as_u64()), (201, Some(1)), "{r}");
@@ -414,6 +457,8 @@ async fn check_device_identities(reg: &Registry) {
     for bad in [
         json!([{"id": "x/y", "public_key": key(5)}]),
         json!([{"id": c, "public_key": "abcd"}]),
+        // The identity point: of small order, made from no secret key.
+        json!([{"id": c, "public_key": format!("01{}", "00".repeat(31))}]),
         json!([{"id": c, "public_key": key(5), "groups": ["a+b"]}]),
         json!([{"id": c, "public_key": key(5)}, {"id": c, "public_key": key(5)}]),
         json!([]),
@@ -480,6 +525,7 @@ async fn sqlite_embedded_broker() {
     check_api_basics(&reg).await;
     check_device_identities(&reg).await;
     check_deploy_publishes(&reg).await;
+    check_sequence_floors(&reg).await;
     check_ingest(&reg).await;
     reg.shutdown().await.unwrap();
 }

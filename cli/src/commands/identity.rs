@@ -74,6 +74,9 @@ pub struct Provisioning {
     pub public_key: String,
     /// The registry keys the device trusts, hex.
     pub trusted_keys: Vec<String>,
+    /// The sequence of the newest deployment addressing the device at registration:
+    /// the device accepts none older.
+    pub sequence_floor: u64,
 }
 
 /// A fresh identity for `device`: its key pair drawn from the OS.
@@ -89,7 +92,18 @@ fn new_identity(device: &str, groups: &[String], registry_key: &[u8; 32]) -> Res
         device_key: hex::encode(key.seed()),
         public_key: hex::encode(key.public()),
         trusted_keys: vec![hex::encode(registry_key)],
+        // Set from the registry's answer to the registration.
+        sequence_floor: 0,
     })
+}
+
+/// Takes each device's sequence floor from the registry's answer to its registration.
+fn set_floors(records: &mut [Provisioning], answer: &Value) {
+    for r in records {
+        r.sequence_floor = answer["sequence_floors"][&r.device_id]
+            .as_u64()
+            .unwrap_or(0);
+    }
 }
 
 /// Registers provisioned devices with the registry, all or none.
@@ -143,8 +157,9 @@ pub fn write_secret(path: &Path, text: &str) -> Result<()> {
 
 pub async fn add(global: &GlobalArgs, args: AddArgs) -> Result<()> {
     let client = Client::new(&Settings::resolve(&args.conn)?)?;
-    let record = new_identity(&args.device, &args.groups, &client.public_key().await?)?;
-    register(&client, std::slice::from_ref(&record)).await?;
+    let mut record = new_identity(&args.device, &args.groups, &client.public_key().await?)?;
+    let answer = register(&client, std::slice::from_ref(&record)).await?;
+    set_floors(std::slice::from_mut(&mut record), &answer);
     match &args.out {
         Some(path) => {
             write_record(path, &record)?;
@@ -199,7 +214,7 @@ pub async fn import(global: &GlobalArgs, args: ImportArgs) -> Result<()> {
     }
     let client = Client::new(&Settings::resolve(&args.conn)?)?;
     let registry_key = client.public_key().await?;
-    let records = rows
+    let mut records = rows
         .iter()
         .map(|(id, groups)| new_identity(id, groups, &registry_key))
         .collect::<Result<Vec<_>>>()?;
@@ -211,6 +226,12 @@ pub async fn import(global: &GlobalArgs, args: ImportArgs) -> Result<()> {
         write_record(&args.out_dir.join(format!("{}.json", r.device_id)), r)?;
     }
     let answer = register(&client, &records).await?;
+    // Again, with the floors the registration answered (a record without one is still
+    // a working record, only without that protection).
+    set_floors(&mut records, &answer);
+    for r in &records {
+        write_record(&args.out_dir.join(format!("{}.json", r.device_id)), r)?;
+    }
     if global.json {
         emit_json(&answer);
     } else {

@@ -63,6 +63,8 @@ impl SimDevice {
             groups: config.groups.clone(),
             trusted_keys: config.trusted_keys.clone(),
             device_key: config.device_key(&id),
+            // Simulated devices boot blank and trust what is retained now.
+            sequence_floor: 0,
             tuning: config.tuning,
         };
         let mut core = Device::new(core_config, flash, now_ms())

@@ -36,6 +36,7 @@ pub fn config() -> Config {
         groups: vec!["eu".into()],
         trusted_keys: vec![golden::key().public()],
         device_key: DEVICE_KEY,
+        sequence_floor: 0,
         tuning: Tuning {
             slots: 3,
             chunk_window: 2,

@@ -68,6 +68,7 @@ pub fn config(record: &Record, tuning: Tuning) -> Config {
         groups: record.groups.clone(),
         trusted_keys: record.trusted_keys(),
         device_key: *record.device_key,
+        sequence_floor: record.sequence_floor,
         tuning,
     }
 }

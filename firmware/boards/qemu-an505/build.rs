@@ -198,6 +198,7 @@ fn main() {
         broker_host: "10.0.2.2".into(),
         broker_port: 1883,
         device_key: ONTARGET_DEVICE_KEY.into(),
+        sequence_floor: 0,
     };
     image.bytes_const("PROVISIONING", &provisioning.encode());
     image.bytes_const("FIB_WASM", &fib);

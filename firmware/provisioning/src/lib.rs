@@ -47,6 +47,11 @@ pub struct Record {
     /// registry holds its public half and takes only reports it signed.
     #[n(5)]
     pub device_key: minicbor::bytes::ByteArray<32>,
+    /// The sequence of the newest deployment addressing the device when it was
+    /// provisioned: it accepts none older, so a replayed old deployment cannot roll
+    /// a fresh device back.
+    #[n(6)]
+    pub sequence_floor: u64,
 }
 
 /// Why a provisioning region does not hold a usable record.

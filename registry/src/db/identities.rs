@@ -177,20 +177,18 @@ impl Db {
     }
 
     /// The standing of those of `ids` that are registered, read in the ingest's write
-    /// transaction. On PostgreSQL the rows stay locked until it ends, so two registry
-    /// replicas never both take the same report; SQLite's write transaction is already
-    /// the only one.
+    /// transaction; [`Db::save_counters`] stores what the batch made of it only if no
+    /// one changed it meanwhile.
     pub async fn standings(
         &self,
         tx: &mut Transaction<'static, Any>,
         ids: &[&str],
     ) -> anyhow::Result<HashMap<String, Standing>> {
         let mut standings = HashMap::with_capacity(ids.len());
-        let lock = if self.sqlite { "" } else { " FOR UPDATE" };
         for chunk in ids.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "SELECT id, report_counter, report_window, will_counter, will_spent, \
-                 revoked_at FROM device_identities WHERE id IN ({}) ORDER BY id{lock}",
+                 revoked_at FROM device_identities WHERE id IN ({})",
                 list(chunk.len(), 1)
             );
             let mut q = self.statement(sql);
@@ -212,31 +210,104 @@ impl Db {
         Ok(standings)
     }
 
-    /// Stores the counters an ingest batch moved, one statement per chunk of devices.
+    /// Stores the counters an ingest batch moved from `read` (what [`Db::standings`]
+    /// gave) to `now`, one statement per chunk of devices.
+    ///
+    /// # Errors
+    /// Another registry replica moved one of these devices' counters since they were
+    /// read (its transaction committed in between, on PostgreSQL): the caller rolls back
+    /// and judges the batch again. Optimistic rather than `SELECT … FOR UPDATE`,
+    /// which made PostgreSQL write every row twice per batch; SQLite's write transaction
+    /// is the only one, so there it never happens.
     pub async fn save_counters(
         &self,
         tx: &mut Transaction<'static, Any>,
-        counters: &[(&str, Counters)],
+        counters: &[(&str, Counters, Counters)],
     ) -> anyhow::Result<()> {
         for chunk in counters.chunks(ROWS_PER_STATEMENT) {
             // Both databases name the columns of a VALUES list column1, column2, …
             let sql = format!(
                 "UPDATE device_identities SET report_counter = v.column2, \
                  report_window = v.column3, will_counter = v.column4, will_spent = v.column5 \
-                 FROM (VALUES {}) AS v WHERE device_identities.id = v.column1",
-                placeholders(chunk.len(), 5, 1)
+                 FROM (VALUES {}) AS v WHERE device_identities.id = v.column1 \
+                 AND report_counter = v.column6 AND report_window = v.column7 \
+                 AND will_counter = v.column8 AND will_spent = v.column9",
+                placeholders(chunk.len(), 9, 1)
             );
             let mut q = self.statement(sql);
-            for (id, c) in chunk {
-                q = q
-                    .bind(*id)
-                    .bind(c.highest as i64)
-                    .bind(c.window as i64)
-                    .bind(c.will as i64)
-                    .bind(i64::from(c.will_spent));
+            for (id, read, now) in chunk {
+                q = q.bind(*id);
+                for c in [now, read] {
+                    q = q
+                        .bind(c.highest as i64)
+                        .bind(c.window as i64)
+                        .bind(c.will as i64)
+                        .bind(i64::from(c.will_spent));
+                }
             }
-            q.execute(&mut **tx).await?;
+            let updated = q.execute(&mut **tx).await?.rows_affected();
+            anyhow::ensure!(
+                updated == chunk.len() as u64,
+                "report counters of {} device(s) moved meanwhile (another registry replica); \
+                 judging the batch again",
+                chunk.len() as u64 - updated
+            );
         }
         Ok(())
+    }
+
+    /// Per device, the sequence of the newest deployment that addresses it now (fleet,
+    /// one of its groups, or the device itself; 0 if none): its provisioning record's
+    /// floor, below which it accepts no deployment.
+    pub async fn sequence_floors(
+        &self,
+        devices: &[NewIdentity],
+    ) -> anyhow::Result<HashMap<String, u64>> {
+        let mut groups: Vec<&str> = (devices.iter())
+            .flat_map(|d| d.groups.iter().map(String::as_str))
+            .collect();
+        groups.sort_unstable();
+        groups.dedup();
+        let ids: Vec<&str> = devices.iter().map(|d| d.id.as_str()).collect();
+        let fleet = self.newest_sequences("fleet", &[""]).await?;
+        let by_group = self.newest_sequences("group", &groups).await?;
+        let by_device = self.newest_sequences("device", &ids).await?;
+        Ok(devices
+            .iter()
+            .map(|d| {
+                let floor = (d.groups.iter().filter_map(|g| by_group.get(g)))
+                    .chain(by_device.get(&d.id))
+                    .chain(fleet.get(""))
+                    .copied()
+                    .max()
+                    .unwrap_or(0);
+                (d.id.clone(), floor)
+            })
+            .collect())
+    }
+
+    /// The newest deployment sequence per target name of one kind, for `names`.
+    async fn newest_sequences(
+        &self,
+        kind: &str,
+        names: &[&str],
+    ) -> anyhow::Result<HashMap<String, u64>> {
+        let mut newest = HashMap::new();
+        for chunk in names.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "SELECT target_name, MAX(sequence) AS newest FROM deployments \
+                 WHERE target_kind = $1 AND target_name IN ({}) GROUP BY target_name",
+                list(chunk.len(), 2)
+            );
+            let mut q = self.statement(sql).bind(kind);
+            for name in chunk {
+                q = q.bind(*name);
+            }
+            for r in q.fetch_all(&self.pool).await? {
+                let n: i64 = r.try_get("newest")?;
+                newest.insert(r.try_get("target_name")?, u64::try_from(n)?);
+            }
+        }
+        Ok(newest)
     }
 }

@@ -28,6 +28,9 @@ struct DeviceKey {
 
 /// Largest registration in one request: an import of a whole production batch.
 const MAX_DEVICES_PER_REQUEST: usize = 100_000;
+/// A registration body of that many devices (id, key and a few groups each fit in 256
+/// bytes of JSON).
+pub(super) const MAX_REGISTRATION_BODY: usize = MAX_DEVICES_PER_REQUEST * 256;
 
 fn bad(msg: String) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, msg)
@@ -53,6 +56,14 @@ fn parse(d: DeviceKey) -> ApiResult<NewIdentity> {
             d.id
         )));
     }
+    // Ingest checks seals in batches, which single checks agree with only for keys
+    // that are not of small order; no key made from a seed is.
+    if wpm_manifests::is_weak_key(&key) {
+        return Err(bad(format!(
+            "device {}: public_key is of small order (not made from a secret key)",
+            d.id
+        )));
+    }
     Ok(NewIdentity {
         id: d.id,
         public_key: key,
@@ -60,8 +71,9 @@ fn parse(d: DeviceKey) -> ApiResult<NewIdentity> {
     })
 }
 
-/// Registers devices, all or none: 201 with how many were new, 409 naming the devices
-/// already registered with another key.
+/// Registers devices, all or none: 201 with how many were new and each device's
+/// sequence floor (the newest deployment addressing it now, which its provisioning
+/// record carries), 409 naming the devices already registered with another key.
 pub(super) async fn register(
     State(state): State<Shared>,
     body: Result<Json<RegisterRequest>, JsonRejection>,
@@ -84,7 +96,11 @@ pub(super) async fn register(
     match state.db.register_devices(&devices, db::now_ms()).await? {
         Ok(added) => Ok((
             StatusCode::CREATED,
-            Json(json!({"registered": added, "already_registered": devices.len() - added})),
+            Json(json!({
+                "registered": added,
+                "already_registered": devices.len() - added,
+                "sequence_floors": state.db.sequence_floors(&devices).await?,
+            })),
         )),
         Err(conflicts) => Err(ApiError::new(
             StatusCode::CONFLICT,

@@ -74,7 +74,9 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/fleet/status", get(fleet_status))
         .route(
             "/v1/devices",
-            get(identities::list).post(identities::register),
+            get(identities::list)
+                .post(identities::register)
+                .layer(DefaultBodyLimit::max(identities::MAX_REGISTRATION_BODY)),
         )
         .route(
             "/v1/devices/{id}",

@@ -142,25 +142,77 @@ fn mismatch(what: &str, named: &str, device: &str) -> Refused {
 ///
 /// # Errors
 /// Why the message is refused.
+#[cfg(test)]
 pub fn decode_message(m: &Raw, now: i64, keys: &DeviceKeys) -> Result<Option<Verified>, Refused> {
+    decode_batch(std::slice::from_ref(m), now, keys)
+        .pop()
+        .expect("one result per message")
+}
+
+/// [`decode_message`] for a batch, its seals checked together
+/// ([`wpm_manifests::open_many`]); one result per message, in order.
+pub fn decode_batch(
+    messages: &[Raw],
+    now: i64,
+    keys: &DeviceKeys,
+) -> Vec<Result<Option<Verified>, Refused>> {
+    let mut results: Vec<Option<Result<Option<Verified>, Refused>>> =
+        (0..messages.len()).map(|_| None).collect();
+    let mut sealed = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        match check_envelope(m, keys) {
+            Ok(Some((topic, key))) => sealed.push((i, topic, key)),
+            Ok(None) => results[i] = Some(Ok(None)),
+            Err(r) => results[i] = Some(Err(r)),
+        }
+    }
+    let items: Vec<_> = (sealed.iter())
+        .map(|(i, _, key)| (*key, messages[*i].payload.as_slice()))
+        .collect();
+    let opened = wpm_manifests::open_many::<Report>(&items);
+    for ((i, topic, _), report) in sealed.into_iter().zip(opened) {
+        let report = report.map_err(|e| match e {
+            OpenError::Malformed(e) => refuse(Refusal::Undecodable, e.to_string()),
+            OpenError::UnknownKey | OpenError::BadSignature => {
+                refuse(Refusal::BadSignature, e.to_string())
+            }
+        });
+        results[i] = Some(report.and_then(|r| interpret(&messages[i], topic, r, now).map(Some)));
+    }
+    results
+        .into_iter()
+        .map(|r| r.expect("every message was judged"))
+        .collect()
+}
+
+/// What can be told before the seal is checked: a device topic, a sealed envelope, a
+/// registered device. `Ok(None)` for an empty payload.
+fn check_envelope<'a, 'k>(
+    m: &'a Raw,
+    keys: &'k DeviceKeys,
+) -> Result<Option<(DeviceTopic<'a>, &'k wpm_manifests::TrustedKeys)>, Refused> {
     let topic = parse_device_topic(&m.topic)
         .ok_or_else(|| refuse(Refusal::NotADeviceTopic, m.topic.clone()))?;
     if m.payload.is_empty() {
         return Ok(None);
     }
-    let device = topic.device();
     if let Err(e) = wpm_manifests::decode::<Sealed>(&m.payload) {
         return Err(refuse(Refusal::Unsealed, e.to_string()));
     }
     let key = keys
-        .get(device)
-        .ok_or_else(|| refuse(Refusal::UnknownDevice, device))?;
-    let report: Report = key.open(&m.payload).map_err(|e| match e {
-        OpenError::Malformed(e) => refuse(Refusal::Undecodable, e.to_string()),
-        OpenError::UnknownKey | OpenError::BadSignature => {
-            refuse(Refusal::BadSignature, e.to_string())
-        }
-    })?;
+        .get(topic.device())
+        .ok_or_else(|| refuse(Refusal::UnknownDevice, topic.device()))?;
+    Ok(Some((topic, key)))
+}
+
+/// A report whose seal verified: checked against its topic and made a write.
+fn interpret(
+    m: &Raw,
+    topic: DeviceTopic<'_>,
+    report: Report,
+    now: i64,
+) -> Result<Verified, Refused> {
+    let device = topic.device();
     if report.device != device {
         return Err(mismatch("report", &report.device, device));
     }
@@ -216,12 +268,12 @@ pub fn decode_message(m: &Raw, now: i64, keys: &DeviceKeys) -> Result<Option<Ver
             ))
         }
     };
-    Ok(Some(Verified {
+    Ok(Verified {
         topic: m.topic.clone(),
         device: device.to_string(),
         counter,
         decoded,
-    }))
+    })
 }
 
 fn body_name(body: &ReportBody) -> &'static str {
@@ -465,6 +517,42 @@ mod tests {
         assert_eq!(refusal(&wrong_topic), Refusal::WrongTopic);
         let elsewhere = raw("wpm/v1/deploy/fleet", vec![1], false);
         assert_eq!(refusal(&elsewhere), Refusal::NotADeviceTopic);
+    }
+
+    #[test]
+    fn in_a_batch_checked_together_a_forgery_costs_only_itself() {
+        let status = || ReportBody::Status(golden::status());
+        let stranger = KeyPair::from_seed(&[9; 32]);
+        // 150 reports (three batches of seals), three of them forged.
+        let forged = [3, 70, 149];
+        let messages: Vec<Raw> = (0..150u64)
+            .map(|n| {
+                let key = if forged.contains(&n) {
+                    &stranger
+                } else {
+                    &device_key()
+                };
+                raw(
+                    &status_topic(DEVICE),
+                    sealed(key, DEVICE, n + 1, status()),
+                    false,
+                )
+            })
+            .collect();
+        let results = decode_batch(&messages, 0, &keys());
+        for (n, r) in results.iter().enumerate() {
+            match r {
+                Ok(Some(v)) => {
+                    assert!(!forged.contains(&(n as u64)), "forgery {n} taken");
+                    assert_eq!(v.counter, n as u64 + 1);
+                }
+                Err(r) => {
+                    assert!(forged.contains(&(n as u64)), "{n} refused: {r:?}");
+                    assert_eq!(r.reason, Refusal::BadSignature);
+                }
+                Ok(None) => panic!("{n} ignored"),
+            }
+        }
     }
 
     #[test]

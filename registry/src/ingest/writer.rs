@@ -13,7 +13,7 @@
 //! judged again.
 
 use super::admit::{Counters, Verdict};
-use super::decode::{decode_message, Decoded, Raw, Verified};
+use super::decode::{decode_batch, Decoded, Raw, Verified};
 use super::keys::DeviceKeys;
 use super::{IngestStats, Refusal, BATCH_MAX, BATCH_WINDOW};
 use crate::db::{self, Db, Standing};
@@ -88,8 +88,9 @@ struct Batch {
 struct Admitted<'a> {
     batch: Batch,
     refused: Vec<(Refusal, &'a Verified)>,
-    /// The counters of every device that had a report taken, to store.
-    counters: Vec<(&'a str, Counters)>,
+    /// The counters of every device that had a report judged, as read and as they are
+    /// now, to store.
+    counters: Vec<(&'a str, Counters, Counters)>,
 }
 
 /// Decides report by report, in the order the broker delivered them, which are new
@@ -152,8 +153,11 @@ fn admit<'a>(reports: &'a [Verified], standings: &HashMap<String, Standing>) -> 
             }
         }
     }
-    let mut counters: Vec<_> = counters.into_iter().collect();
-    counters.sort_unstable_by_key(|(id, _)| *id);
+    let mut counters: Vec<_> = (counters.into_iter())
+        .filter(|(id, now)| standings[*id].counters != *now)
+        .map(|(id, now)| (id, standings[id].counters, now))
+        .collect();
+    counters.sort_unstable_by_key(|(id, ..)| *id);
     Admitted {
         batch,
         refused,
@@ -221,8 +225,8 @@ impl Prepared {
         }
         let mut reports = Vec::with_capacity(raws.len());
         let mut empty = 0;
-        for raw in &raws {
-            match decode_message(raw, now, keys) {
+        for (raw, decoded) in raws.iter().zip(decode_batch(&raws, now, keys)) {
+            match decoded {
                 Ok(Some(v)) => reports.push(v),
                 Ok(None) => empty += 1,
                 Err(r) => {
@@ -387,7 +391,7 @@ mod tests {
             ]
         );
         assert_eq!(a.counters.len(), 1);
-        assert_eq!(a.counters[0].1.highest, 12);
+        assert_eq!(a.counters[0].2.highest, 12);
     }
 
     #[test]
@@ -418,6 +422,6 @@ mod tests {
         let a = admit(&reports, &standings);
         let p = &a.batch.presences["d1"];
         assert!(p.online && !p.will, "{p:?}");
-        assert_eq!(a.counters[0].1.will, 30);
+        assert_eq!(a.counters[0].2.will, 30);
     }
 }

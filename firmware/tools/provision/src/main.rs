@@ -24,6 +24,7 @@ struct Provisioning {
     device_key: String,
     public_key: String,
     trusted_keys: Vec<String>,
+    sequence_floor: u64,
 }
 
 fn parse_key(what: &str, hex: &str) -> Result<[u8; 32], String> {
@@ -65,6 +66,7 @@ fn record(json: &str, broker: &str) -> Result<Record, String> {
         broker_host: host.to_string(),
         broker_port,
         device_key: device_key.into(),
+        sequence_floor: p.sequence_floor,
     })
 }
 

@@ -324,6 +324,7 @@ fn scenario(c: &mut Checks) -> Vec<Row> {
         groups: record.groups.clone(),
         trusted_keys: record.trusted_keys(),
         device_key: *record.device_key,
+        sequence_floor: record.sequence_floor,
         tuning: Tuning {
             slots: 3,
             turn_interval_ms: TURN_MS,
