@@ -302,6 +302,13 @@ impl<F: NorFlash> Device<F> {
         ))
     }
 
+    /// The MQTT username and password to connect with: the device id, and a signature
+    /// of it by the device's key that the broker checks with the registered public key.
+    /// The client id must be the device id too.
+    pub fn broker_login(&mut self) -> (String, String) {
+        self.reporter.login()
+    }
+
     /// Moves to the next report epoch when this one's counters are used up.
     fn keep_counting(&mut self) -> Result<(), StoreError> {
         if self.reporter.exhausted() {

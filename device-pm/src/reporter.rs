@@ -19,6 +19,8 @@ pub(crate) struct Reporter {
     /// The counter of the last will handed out: the first presence of a session
     /// announces it.
     will: Option<u64>,
+    /// The broker password, made on first use (one signature) and kept.
+    login: Option<String>,
 }
 
 impl Reporter {
@@ -29,6 +31,7 @@ impl Reporter {
             epoch,
             sealed: 0,
             will: None,
+            login: None,
         }
     }
 
@@ -70,6 +73,15 @@ impl Reporter {
             online: false,
             will: None,
         }))
+    }
+
+    /// The broker login: username (the device id) and password (see
+    /// `wpm_manifests::login_password`).
+    pub fn login(&mut self) -> (String, String) {
+        let password = (self.login)
+            .get_or_insert_with(|| wpm_manifests::login_password(&self.key, &self.device))
+            .clone();
+        (self.device.clone(), password)
     }
 
     /// The presence that opens a session: online, naming the session's will.

@@ -190,10 +190,19 @@ pub struct Mqtt {
 }
 
 impl Mqtt {
+    /// An anonymous client (on the embedded broker, refused).
     pub async fn connect(mqtt_url: &str) -> Result<Mqtt> {
+        Self::connect_as(mqtt_url, None).await
+    }
+
+    /// A client logged in with `login`.
+    pub async fn connect_as(mqtt_url: &str, login: Option<(String, String)>) -> Result<Mqtt> {
         use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
         let mut opts = MqttOptions::parse_url(format!("{mqtt_url}?client_id={}", unique("test")))?;
         opts.set_max_packet_size(1 << 20, 1 << 20);
+        if let Some((user, password)) = login {
+            opts.set_credentials(user, password);
+        }
         let (client, mut events) = AsyncClient::new(opts, 64);
         let (tx, messages) = tokio::sync::mpsc::channel(4096);
         let (acks_tx, acks) = tokio::sync::watch::channel(0u64);
@@ -281,8 +290,14 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    pub async fn watch(mqtt_url: &str, module: &str) -> Result<Telemetry> {
-        let mut mqtt = Mqtt::connect(mqtt_url).await?;
+    /// Watches `module`'s telemetry with `login` (the registry's own, on its embedded
+    /// broker: a dashboard reads every device's topics).
+    pub async fn watch(
+        mqtt_url: &str,
+        login: Option<(String, String)>,
+        module: &str,
+    ) -> Result<Telemetry> {
+        let mut mqtt = Mqtt::connect_as(mqtt_url, login).await?;
         mqtt.subscribe(&format!("wpm/v1/device/+/telemetry/{module}"))
             .await?;
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -290,9 +305,15 @@ impl Telemetry {
         let task = tokio::spawn(async move {
             while let Some(p) = mqtt.messages.recv().await {
                 let device = p.topic.split('/').nth(3).unwrap_or_default().to_string();
-                sink.lock()
-                    .unwrap()
-                    .push((device, String::from_utf8_lossy(&p.payload).into_owned()));
+                // A dashboard shows what the device sealed (the registry checks seals).
+                let text = match wpm_manifests::Report::read_unverified(&p.payload) {
+                    Ok(wpm_manifests::Report {
+                        body: wpm_manifests::ReportBody::Telemetry(bytes),
+                        ..
+                    }) => String::from_utf8_lossy(&bytes).into_owned(),
+                    _ => continue,
+                };
+                sink.lock().unwrap().push((device, text));
             }
         });
         Ok(Telemetry { seen, task })

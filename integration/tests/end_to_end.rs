@@ -12,7 +12,7 @@ async fn publish_deploy_upgrade(backend: Backend) -> anyhow::Result<()> {
     let group = unique("e2e");
     let fleet = env.api.start_fleet(env.fleet_config(3, &group)).await?;
     let devices = fleet.device_ids().to_vec();
-    let telemetry = Telemetry::watch(&env.mqtt_url, "hello").await?;
+    let telemetry = Telemetry::watch(&env.mqtt_url, env.registry.broker_login(), "hello").await?;
 
     env.api.publish_hello().await?;
 

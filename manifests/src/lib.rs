@@ -19,7 +19,7 @@ pub mod signing;
 pub mod topic;
 pub mod types;
 
-pub use report::{Report, ReportBody};
+pub use report::{check_login_password, login_password, Report, ReportBody};
 #[cfg(feature = "batch")]
 pub use signing::open_many;
 pub use signing::{is_weak_key, sha256, KeyPair, OpenError, Sealed, TrustedKeys};

@@ -18,6 +18,7 @@
 
 use crate::signing::SignedBody;
 use crate::types::{DeviceStatus, Event, Presence};
+use crate::KeyPair;
 use alloc::string::String;
 use minicbor::bytes::ByteVec;
 use minicbor::{CborLen, Decode, Encode};
@@ -48,6 +49,25 @@ pub enum ReportBody {
     /// A module's telemetry bytes, as the module gave them.
     #[n(3)]
     Telemetry(#[n(0)] ByteVec),
+}
+
+/// Signing context of a device's broker login.
+const LOGIN_CONTEXT: &[u8] = b"wpm/v1/broker-login\0";
+
+/// The MQTT password a device logs in to the broker with; its username and client id
+/// are its id. The password is its key's signature over its id (128 hex digits), so the
+/// broker checks it with the registered public key and no broker secret exists per
+/// device. It is the same at every login: without TLS, whoever reads the device's
+/// CONNECT can log in as it (and still cannot seal its reports).
+pub fn login_password(key: &KeyPair, device: &str) -> String {
+    hex::encode(key.sign_with_context(LOGIN_CONTEXT, device.as_bytes()))
+}
+
+/// Whether `password` is the login of `device`, whose registered key is `public`.
+pub fn check_login_password(public: &[u8; 32], device: &str, password: &[u8]) -> bool {
+    let mut signature = [0u8; 64];
+    hex::decode_to_slice(password, &mut signature).is_ok()
+        && crate::signing::verify_with_context(public, LOGIN_CONTEXT, device.as_bytes(), &signature)
 }
 
 impl Report {
@@ -112,6 +132,25 @@ mod tests {
             TrustedKeys::new(&[device.public()]).open::<Report>(&bytes),
             Err(OpenError::BadSignature)
         ));
+    }
+
+    #[test]
+    fn a_login_password_is_good_only_for_its_device_and_key() {
+        let key = KeyPair::from_seed(&[1; 32]);
+        let password = login_password(&key, "d1");
+        assert!(check_login_password(
+            &key.public(),
+            "d1",
+            password.as_bytes()
+        ));
+        assert!(!check_login_password(
+            &key.public(),
+            "d2",
+            password.as_bytes()
+        ));
+        let other = KeyPair::from_seed(&[2; 32]).public();
+        assert!(!check_login_password(&other, "d1", password.as_bytes()));
+        assert!(!check_login_password(&key.public(), "d1", b"hunter2"));
     }
 
     #[test]

@@ -86,6 +86,11 @@ impl KeyPair {
         self.key.verifying_key().to_bytes()
     }
 
+    /// Signs `context || message` (a statement that is not a sealed body: a login).
+    pub(crate) fn sign_with_context(&self, context: &[u8], message: &[u8]) -> [u8; 64] {
+        self.key.sign(&signed_message(context, message)).to_bytes()
+    }
+
     /// Signs `body` and returns the CBOR bytes of its [`Sealed`] envelope.
     pub fn seal<T: SignedBody>(&self, body: &T) -> Vec<u8> {
         let body = crate::encode(body);
@@ -222,4 +227,20 @@ pub fn open_many<T: SignedBody>(items: &[(&TrustedKeys, &[u8])]) -> Vec<Result<T
 /// disagree, and that no honest device has. Registration refuses it.
 pub fn is_weak_key(key: &[u8; 32]) -> bool {
     VerifyingKey::from_bytes(key).is_ok_and(|k| k.is_weak())
+}
+
+/// Whether `signature` is `public`'s signature over `context || message`.
+pub(crate) fn verify_with_context(
+    public: &[u8; 32],
+    context: &[u8],
+    message: &[u8],
+    signature: &[u8; 64],
+) -> bool {
+    VerifyingKey::from_bytes(public).is_ok_and(|k| {
+        k.verify_strict(
+            &signed_message(context, message),
+            &Signature::from_bytes(signature),
+        )
+        .is_ok()
+    })
 }

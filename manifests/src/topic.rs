@@ -114,6 +114,38 @@ pub fn parse_device_topic(topic: &str) -> Option<DeviceTopic<'_>> {
     }
 }
 
+/// Whether `device` may publish on `topic`: only its own reports (status, presence,
+/// events, telemetry), never another device's, a deployment, a module or a command.
+/// The one rule the embedded broker enforces and a Mosquitto ACL is written from.
+pub fn device_may_publish(device: &str, topic: &str) -> bool {
+    parse_device_topic(topic).is_some_and(|t| t.device() == device)
+}
+
+/// Whether `device` may subscribe to `filter`: deployments for the fleet, a group or
+/// itself, its own command topic, and module manifests and chunks, each by its exact
+/// name: no wildcards, no other device's topics.
+pub fn device_may_subscribe(device: &str, filter: &str) -> bool {
+    if filter.contains(['+', '#']) {
+        return false;
+    }
+    if parse_module_topic(filter).is_some() || filter == Topic::Command(device).render() {
+        return true;
+    }
+    let single = |s: &str| !s.is_empty() && !s.contains('/');
+    match filter
+        .strip_prefix(PREFIX)
+        .and_then(|r| r.strip_prefix("/deploy/"))
+    {
+        Some("fleet") => true,
+        Some(rest) => match rest.split_once('/') {
+            Some(("group", g)) => single(g),
+            Some(("device", d)) => d == device,
+            _ => false,
+        },
+        None => false,
+    }
+}
+
 /// A module-side topic, parsed back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModuleTopic {
@@ -164,5 +196,56 @@ mod tests {
             Topic::Deployment(&Target::Group("eu".into())).render(),
             "wpm/v1/deploy/group/eu"
         );
+    }
+
+    #[test]
+    fn a_device_publishes_only_its_own_reports() {
+        let h = [0xab; 32];
+        for t in [
+            Topic::Status("d1"),
+            Topic::Presence("d1"),
+            Topic::Events("d1"),
+            Topic::Telemetry("d1", "m"),
+        ] {
+            assert!(device_may_publish("d1", &t.render()), "{t:?}");
+            assert!(!device_may_publish("d2", &t.render()), "{t:?}");
+        }
+        for t in [
+            Topic::Command("d1"),
+            Topic::Deployment(&Target::Device("d1".into())),
+            Topic::Deployment(&Target::Fleet),
+            Topic::ModuleManifest(&h),
+            Topic::Chunk(&h, 0),
+        ] {
+            assert!(!device_may_publish("d1", &t.render()), "{t:?}");
+        }
+        assert!(!device_may_publish("d1", "anything/else"));
+    }
+
+    #[test]
+    fn a_device_subscribes_only_to_what_it_needs_by_name() {
+        let h = [0xab; 32];
+        for t in [
+            Topic::Deployment(&Target::Fleet),
+            Topic::Deployment(&Target::Group("eu".into())),
+            Topic::Deployment(&Target::Device("d1".into())),
+            Topic::Command("d1"),
+            Topic::ModuleManifest(&h),
+            Topic::Chunk(&h, 7),
+        ] {
+            assert!(device_may_subscribe("d1", &t.render()), "{t:?}");
+        }
+        for f in [
+            Topic::Deployment(&Target::Device("d2".into())).render(),
+            Topic::Command("d2").render(),
+            Topic::Status("d2").render(),
+            Topic::Status("d1").render(),
+            "#".into(),
+            "wpm/v1/device/+/status".into(),
+            "wpm/v1/module/+/chunk/+".into(),
+            "wpm/v1/deploy/group/eu/x".into(),
+        ] {
+            assert!(!device_may_subscribe("d1", &f), "{f}");
+        }
     }
 }

@@ -10,6 +10,7 @@ pub const SIGNING_KEY_FILE: &str = "signing.key";
 pub const PUBLIC_KEY_FILE: &str = "registry.pub";
 pub const TOKEN_FILE: &str = "api-token";
 pub const CLIENT_ID_FILE: &str = "mqtt-client-id";
+pub const BROKER_PASSWORD_FILE: &str = "broker-password";
 
 /// 32 bytes from the operating system's CSPRNG.
 pub fn random_bytes() -> anyhow::Result<[u8; 32]> {
@@ -77,18 +78,28 @@ pub fn load_or_create_token(data_dir: &Path, given: Option<&str>) -> anyhow::Res
         anyhow::ensure!(!t.trim().is_empty(), "the API token must not be empty");
         return Ok(t.trim().to_string());
     }
-    let path = data_dir.join(TOKEN_FILE);
+    load_or_create_secret(&data_dir.join(TOKEN_FILE), "API token")
+}
+
+/// The password the registry's own MQTT clients log in to the embedded broker with
+/// (username `wpm-registry`): DATA_DIR/broker-password, generated on first start.
+pub fn load_or_create_broker_password(data_dir: &Path) -> anyhow::Result<String> {
+    load_or_create_secret(&data_dir.join(BROKER_PASSWORD_FILE), "broker password")
+}
+
+/// A random secret kept in `path` (owner-only), made on first use.
+fn load_or_create_secret(path: &Path, what: &str) -> anyhow::Result<String> {
     if path.exists() {
-        let t = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let t =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let t = t.trim();
         anyhow::ensure!(!t.is_empty(), "{} is empty", path.display());
         return Ok(t.to_string());
     }
-    let token = hex::encode(random_bytes()?);
-    write_secret(&path, &format!("{token}\n"))?;
-    tracing::info!(path = %path.display(), "generated a new API token");
-    Ok(token)
+    let secret = hex::encode(random_bytes()?);
+    write_secret(path, &format!("{secret}\n"))?;
+    tracing::info!(path = %path.display(), "generated a new {what}");
+    Ok(secret)
 }
 
 /// This registry's MQTT client id stem, made on first start into `DATA_DIR/mqtt-client-id`

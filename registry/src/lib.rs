@@ -44,6 +44,8 @@ pub struct Registry {
     ingest: ingest::Ingest,
     db: db::Db,
     broker: Option<wpm_broker::Broker>,
+    /// The registry's own login on the embedded broker.
+    broker_login: Option<(String, String)>,
 }
 
 impl Registry {
@@ -68,19 +70,25 @@ impl Registry {
 
         let max_packet = config.max_packet_size();
         let mut embedded = None;
+        let mut credentials = None;
         let (host, port, mqtt_url) = match &config.broker {
             Some(url) => {
                 let (host, port) = config::parse_broker_url(url)?;
                 (host.clone(), port, format!("mqtt://{host}:{port}"))
             }
             None => {
-                let b = wpm_broker::Broker::start(wpm_broker::BrokerConfig::new(
-                    config.mqtt_listen,
-                    max_packet as u32,
-                ))?;
+                let password = keys::load_or_create_broker_password(&config.data_dir)?;
+                let mut broker =
+                    wpm_broker::BrokerConfig::new(config.mqtt_listen, max_packet as u32);
+                broker.access = Some(wpm_broker::Access {
+                    registry_password: password.clone(),
+                    devices: Arc::new(db.clone()),
+                });
+                let b = wpm_broker::Broker::start(broker)?;
                 let own = b.registry_addr();
                 let url = format!("mqtt://{}", b.addr());
                 embedded = Some(b);
+                credentials = Some((wpm_broker::REGISTRY_USER.to_string(), password));
                 (own.ip().to_string(), own.port(), url)
             }
         };
@@ -89,6 +97,7 @@ impl Registry {
             host,
             port,
             max_packet_size: max_packet,
+            credentials: credentials.clone(),
         };
 
         let (stop, stop_rx) = watch::channel(false);
@@ -189,6 +198,7 @@ impl Registry {
             ingest,
             db,
             broker: embedded,
+            broker_login: credentials,
         })
     }
 
@@ -209,6 +219,13 @@ impl Registry {
 
     pub fn token(&self) -> &str {
         &self.token
+    }
+
+    /// The username and password of the registry's own clients on its embedded broker
+    /// (`None` with an external broker): for operator tools on this machine, which may
+    /// read and publish anything.
+    pub fn broker_login(&self) -> Option<(String, String)> {
+        self.broker_login.clone()
     }
 
     /// The ed25519 key devices must trust.

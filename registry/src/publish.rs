@@ -19,6 +19,9 @@ pub struct MqttSettings {
     pub host: String,
     pub port: u16,
     pub max_packet_size: usize,
+    /// Username and password the registry's clients log in with, if the broker wants
+    /// them (the embedded one does).
+    pub credentials: Option<(String, String)>,
 }
 
 impl MqttSettings {
@@ -30,6 +33,9 @@ impl MqttSettings {
         o.set_max_packet_size(Some(self.max_packet_size as u32));
         o.set_clean_start(true);
         o.set_outgoing_inflight_upper_limit(100);
+        if let Some((user, password)) = &self.credentials {
+            o.set_credentials(user.clone(), password.clone());
+        }
         o
     }
 }

@@ -175,7 +175,10 @@ async fn check_retained(reg: &Registry, group: &str, sequence: u64, modules: &[(
         filters.push(format!("wpm/v1/module/{}/chunk/+", hex::encode(h)));
         expected += 1 + wasm.len().div_ceil(64);
     }
-    let got = collect(&reg.mqtt_url(), &filters, WAIT, |m| m.len() >= expected).await;
+    let got = collect(&reg.mqtt_url(), reg.broker_login(), &filters, WAIT, |m| {
+        m.len() >= expected
+    })
+    .await;
     assert_eq!(got.len(), expected, "retained messages: {:?}", got.keys());
 
     let trusted = TrustedKeys::new(&[reg.public_key()]);
@@ -341,14 +344,22 @@ async fn check_ingest(reg: &Registry) {
     let duplicates = before("duplicate_report").await;
     dev.publish(status_topic.clone(), genuine).await;
     counted(&api, "duplicate_report", duplicates).await;
-    // A device nobody registered.
+    // A device nobody registered. The embedded broker would not let it in at all;
+    // published through the registry's own login there (a broker that lets anything
+    // through), it still does not enter the fleet.
     let unknown = before("unknown_device").await;
     let invented = unique("invented");
-    dev.publish(
-        Topic::Status(&invented).render(),
-        seal(&stranger, &invented, 5, ReportBody::Status(status.clone())),
-    )
-    .await;
+    let (anyone, _task) =
+        plain_client(&reg.mqtt_url(), &unique("anyone"), reg.broker_login(), None).await;
+    anyone
+        .publish(
+            Topic::Status(&invented).render(),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            seal(&stranger, &invented, 5, ReportBody::Status(status.clone())),
+        )
+        .await
+        .unwrap();
     counted(&api, "unknown_device", unknown).await;
     let (_, fleet) = api.get("/v1/fleet/status").await;
     assert_eq!(fleet_device(&fleet, &id).unwrap()["sequence"], 7);
@@ -372,10 +383,17 @@ async fn check_ingest(reg: &Registry) {
         )
         .await;
     assert_eq!(code, 200);
+    // (The embedded broker no longer lets it log in; see check_broker_gate.)
     let revoked = before("revoked_device").await;
-    let late = FakeDevice::connect_as(reg, &key, &id, 1 << 33).await;
-    late.report(status_topic.clone(), ReportBody::Status(status))
-        .await;
+    anyone
+        .publish(
+            status_topic.clone(),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            seal(&key, &id, 1 << 33, ReportBody::Status(status)),
+        )
+        .await
+        .unwrap();
     counted(&api, "revoked_device", revoked).await;
     let (_, fleet) = api.get("/v1/fleet/status").await;
     assert_eq!(fleet_device(&fleet, &id).unwrap()["sequence"], 7);
@@ -417,6 +435,101 @@ async fn check_sequence_floors(reg: &Registry) {
         r["sequence_floors"][&outside].as_u64().unwrap() < sequence,
         "{r}"
     );
+}
+
+/// The embedded broker lets in only registered devices with their own login and the
+/// registry's clients, and lets a device publish only its own reports and subscribe
+/// only to what it needs; every refusal is counted in `/v1/health`.
+async fn check_broker_gate(reg: &Registry) {
+    let api = Api::new(reg);
+    let url = reg.mqtt_url();
+    let broker = |h: &serde_json::Value, path: &[&str]| {
+        path.iter()
+            .fold(h["broker"].clone(), |v, k| v[*k].clone())
+            .as_u64()
+            .unwrap()
+    };
+    let health = || async { api.get("/v1/health").await.1 };
+    let h0 = health().await;
+
+    let id = unique("gate");
+    let dev = FakeDevice::connect(reg, &id).await;
+    let victim = unique("victim");
+    let victim_dev = FakeDevice::connect(reg, &victim).await;
+    let victim_login = Some((
+        victim.clone(),
+        wpm_manifests::login_password(&victim_dev.key, &victim),
+    ));
+    // Anonymous, a wrong password, another device's login under one's own client id,
+    // and a device's genuine login after it was revoked: all refused.
+    assert!(try_client(&url, &unique("anon"), None, None).await.is_err());
+    let wrong = Some((victim.clone(), "00".repeat(64)));
+    assert!(try_client(&url, &victim, wrong, None).await.is_err());
+    assert!(
+        try_client(&url, &unique("thief"), victim_login.clone(), None)
+            .await
+            .is_err()
+    );
+    let h1 = health().await;
+    assert_eq!(
+        broker(&h1, &["refused", "logins"]) - broker(&h0, &["refused", "logins"]),
+        3
+    );
+
+    // With its own login a device may not write another device's reports, nor the
+    // registry's deployment, module, chunk or command topics.
+    let fake = [0x11u8; 32];
+    let status = dev.seal(ReportBody::Presence(Presence {
+        online: true,
+        will: None,
+    }));
+    for topic in [
+        Topic::Status(&victim).render(),
+        Topic::Deployment(&Target::Fleet).render(),
+        Topic::ModuleManifest(&fake).render(),
+        Topic::Chunk(&fake, 0).render(),
+        Topic::Command(&victim).render(),
+    ] {
+        dev.publish(topic, status.clone()).await;
+    }
+    let dropped = eventually(WAIT, || async {
+        let h = health().await;
+        let n = broker(&h, &["dropped", "publish_not_authorized"])
+            - broker(&h0, &["dropped", "publish_not_authorized"]);
+        (n >= 5).then_some(n)
+    })
+    .await;
+    assert_eq!(dropped, Some(5));
+    // Nor read every device's reports, or join the registry's ingest share group.
+    for filter in [
+        "#",
+        "wpm/v1/device/+/status",
+        "$share/wpm-ingest/wpm/v1/device/+/status",
+    ] {
+        dev.client
+            .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+    }
+    eventually(WAIT, || async {
+        let h = health().await;
+        (broker(&h, &["refused", "subscribes"]) - broker(&h0, &["refused", "subscribes"]) >= 3)
+            .then_some(())
+    })
+    .await
+    .expect("3 subscriptions refused");
+
+    // Revoked: its own login no longer opens the broker.
+    let (code, _) = api
+        .send(
+            reqwest::Method::POST,
+            &format!("/v1/devices/{victim}/revoke"),
+            None,
+        )
+        .await;
+    assert_eq!(code, 200);
+    victim_dev.cut_power();
+    assert!(try_client(&url, &victim, victim_login, None).await.is_err());
 }
 
 /// Registering device keys (all or none, repeatable with the same key, a conflict with
@@ -527,6 +640,7 @@ async fn sqlite_embedded_broker() {
     check_deploy_publishes(&reg).await;
     check_sequence_floors(&reg).await;
     check_ingest(&reg).await;
+    check_broker_gate(&reg).await;
     reg.shutdown().await.unwrap();
 }
 
@@ -609,16 +723,16 @@ async fn postgres_mosquitto_restart_republishes() {
         filters.push(format!("wpm/v1/module/{h}/manifest"));
         filters.push(format!("wpm/v1/module/{h}/chunk/+"));
     }
-    let retained = collect(MOSQUITTO, &filters, Duration::from_secs(2), |_| false).await;
+    let retained = collect(MOSQUITTO, None, &filters, Duration::from_secs(2), |_| false).await;
     assert!(!retained.is_empty());
-    let (wiper, _task) = plain_client(MOSQUITTO, &unique("wiper"), None).await;
+    let (wiper, _task) = plain_client(MOSQUITTO, &unique("wiper"), None, None).await;
     for topic in retained.keys() {
         wiper
             .publish(topic.clone(), rumqttc::QoS::AtLeastOnce, true, Vec::new())
             .await
             .unwrap();
     }
-    let left = collect(MOSQUITTO, &filters, Duration::from_secs(2), |_| false).await;
+    let left = collect(MOSQUITTO, None, &filters, Duration::from_secs(2), |_| false).await;
     assert!(left.is_empty(), "wiped: {:?}", left.keys());
     wiper.disconnect().await.unwrap();
 
@@ -664,7 +778,14 @@ async fn expiring_deployments_are_renewed() {
             .and_then(|b| trusted.open::<Deployment>(b).ok())
             .is_some_and(|d| d.sequence > seq)
     };
-    let got = collect(&reg.mqtt_url(), std::slice::from_ref(&topic), WAIT, newer).await;
+    let got = collect(
+        &reg.mqtt_url(),
+        reg.broker_login(),
+        std::slice::from_ref(&topic),
+        WAIT,
+        newer,
+    )
+    .await;
     let renewed: Deployment = trusted
         .open(got.get(&topic).expect("a renewed deployment is retained"))
         .unwrap();

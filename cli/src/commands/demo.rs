@@ -94,9 +94,18 @@ fn telemetry_line(topic: &str, payload: &[u8], keys: &DeviceKeys) -> Option<Stri
 /// Prints module telemetry straight from the broker. hello sends a record every scheduler
 /// turn on every device, so one line per device and module per `every` keeps the fleet
 /// table readable.
-async fn watch_telemetry(broker_url: String, every: Duration, keys: DeviceKeys) -> Result<()> {
+async fn watch_telemetry(
+    broker_url: String,
+    login: Option<(String, String)>,
+    every: Duration,
+    keys: DeviceKeys,
+) -> Result<()> {
     let (host, port) = broker_host_port(&broker_url)?;
     let mut opts = MqttOptions::new(format!("wpm-demo-watch-{}", std::process::id()), host, port);
+    // Every device's telemetry: the registry's own login reads it.
+    if let Some((user, password)) = login {
+        opts.set_credentials(user, password);
+    }
     opts.set_keep_alive(Duration::from_secs(30));
     let (client, mut events) = AsyncClient::new(opts, 64);
     let filter = wpm_manifests::TopicFilter::AllTelemetry.render();
@@ -206,7 +215,12 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> Result<()> {
     let client = Client::with(&http_url, Some(token.clone()))?;
     sim::register(&client, &cfg).await?;
     let keys = device_keys(&cfg.identities());
-    let telemetry = tokio::spawn(watch_telemetry(mqtt_url.clone(), every, keys));
+    let telemetry = tokio::spawn(watch_telemetry(
+        mqtt_url.clone(),
+        registry.broker_login(),
+        every,
+        keys,
+    ));
     let sim_fleet = wpm_sim::Fleet::start(cfg)
         .await
         .context("cannot start the simulated devices")?;

@@ -79,6 +79,7 @@ impl SimDevice {
             )
         })?;
         let will = last_will(&mut core, config.tuning)?;
+        let (username, password) = core.broker_login();
         let tuning = config.tuning;
         options
             .set_keep_alive(Duration::from_secs(tuning.keep_alive_s.into()))
@@ -87,6 +88,7 @@ impl SimDevice {
             .set_outgoing_inflight_upper_limit(wpm_device_pm::PUBLISH_WINDOW)
             .set_clean_start(true)
             .set_max_packet_size(Some(MAX_PACKET))
+            .set_credentials(username, password)
             .set_last_will(will);
         Ok(Self {
             id,

@@ -221,7 +221,12 @@ async fn session<F: NorFlash, B: Board>(
     let will_topic = MqttString::try_from(will_topic.as_str()).map_err(|_| Ended::Broker)?;
     let will_topic = TopicName::new(will_topic).ok_or(Ended::Broker)?;
     let will_payload = MqttBinary::try_from(will_payload.as_slice()).map_err(|_| Ended::Broker)?;
+    let (_, password) = device.broker_login();
+    let user_name = MqttString::try_from(record.device_id.as_str()).map_err(|_| Ended::Broker)?;
+    let password = MqttBinary::try_from(password.as_bytes()).map_err(|_| Ended::Broker)?;
     let options = ConnectOptions::new()
+        .user_name(user_name)
+        .password(password)
         .clean_start()
         .keep_alive(KeepAlive::Seconds(NonZero::new(keep_alive_s).unwrap()))
         .will(

@@ -19,9 +19,11 @@
 //!   everything devices sent while it was restarting or while its database was slow.
 
 mod cluster;
+mod gate;
 mod stats;
 
 pub use cluster::ClusterConfig;
+pub use gate::{Access, Directory, REGISTRY_USER};
 pub use stats::{BrokerStats, DropReason};
 
 use anyhow::Context as _;
@@ -54,6 +56,10 @@ pub struct BrokerConfig {
     pub registry_session_expiry: Duration,
     /// Set when this broker is one node of a cluster.
     pub cluster: Option<ClusterConfig>,
+    /// Who may connect and what each may do (`gate.rs`). `None`: anyone may do
+    /// anything, for a broker node run on its own (`wpm broker serve`) that has no
+    /// registry database to check devices against.
+    pub access: Option<Access>,
 }
 
 impl BrokerConfig {
@@ -67,6 +73,7 @@ impl BrokerConfig {
             registry_queue: 200_000,
             registry_session_expiry: Duration::from_secs(24 * 3600),
             cluster: None,
+            access: None,
         }
     }
 }
@@ -232,6 +239,22 @@ async fn build(
             .add(typ, Box::new(stats::Counting(stats.clone())))
             .await;
     }
+    if let Some(access) = &config.access {
+        for typ in [
+            Type::ClientAuthenticate,
+            Type::ClientSubscribeCheckAcl,
+            Type::MessagePublishCheckAcl,
+        ] {
+            let gate = gate::Gate {
+                access: access.clone(),
+                stats: stats.clone(),
+            };
+            register.add(typ, Box::new(gate)).await;
+        }
+    } else {
+        tracing::warn!("embedded MQTT broker without access control: anyone may connect");
+    }
+    let open = config.access.is_none();
     register.start().await;
     if let Some(c) = &config.cluster {
         cluster::wait_for_retained(&scx, c, Duration::from_secs(60)).await;
@@ -246,6 +269,7 @@ async fn build(
         // A device has at most a chunk window of retained topics outstanding.
         .max_inflight(NonZeroU16::new(64).expect("non-zero"))
         .max_mqueue_len(1_000)
+        .allow_anonymous(open)
         .bind()
         .map_err(|e| anyhow::anyhow!("device listener on {listen}: {e}"))?
         .tcp()
@@ -263,6 +287,7 @@ async fn build(
         // rmqtt expires queued messages after 5 minutes by default: a registry restart
         // or a slow database must not cost device reports.
         .message_expiry_interval(config.registry_session_expiry)
+        .allow_anonymous(open)
         .bind()
         .map_err(|e| anyhow::anyhow!("registry listener on {registry_addr}: {e}"))?
         .tcp()

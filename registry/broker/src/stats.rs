@@ -14,15 +14,19 @@ pub enum DropReason {
     InflightFull,
     /// The message waited in a queue past its expiry.
     Expired,
+    /// The publisher may not publish on that topic (a device on another's topics, or on
+    /// the registry's).
+    NotAuthorized,
     /// Anything else rmqtt reports (a failed publish, a protocol error).
     Other,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 4] = [
+    pub const ALL: [DropReason; 5] = [
         DropReason::QueueFull,
         DropReason::InflightFull,
         DropReason::Expired,
+        DropReason::NotAuthorized,
         DropReason::Other,
     ];
 
@@ -32,6 +36,7 @@ impl DropReason {
             DropReason::QueueFull => "subscriber_queue_full",
             DropReason::InflightFull => "subscriber_inflight_full",
             DropReason::Expired => "expired_in_queue",
+            DropReason::NotAuthorized => "publish_not_authorized",
             DropReason::Other => "other",
         }
     }
@@ -41,6 +46,7 @@ impl DropReason {
             Reason::MessageQueueFull => DropReason::QueueFull,
             Reason::InflightWindowFull => DropReason::InflightFull,
             Reason::MessageExpiration => DropReason::Expired,
+            Reason::PublishResult(r) if !r.is_success() => DropReason::NotAuthorized,
             _ => DropReason::Other,
         }
     }
@@ -54,7 +60,11 @@ pub struct BrokerStats {
     received_bytes: AtomicU64,
     delivered: AtomicU64,
     delivered_bytes: AtomicU64,
-    dropped: [AtomicU64; 4],
+    dropped: [AtomicU64; DropReason::ALL.len()],
+    /// Connections the broker's gate refused (`gate.rs`).
+    pub refused_logins: AtomicU64,
+    /// Subscriptions the gate refused.
+    pub refused_subscribes: AtomicU64,
 }
 
 impl BrokerStats {

@@ -153,6 +153,22 @@ impl Db {
         Ok(removed > 0)
     }
 
+    /// The key `id` logs in to the broker with: registered and not revoked.
+    pub async fn login_key(&self, id: &str) -> anyhow::Result<Option<[u8; 32]>> {
+        let row = sqlx::query(
+            "SELECT public_key FROM device_identities WHERE id = $1 AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            let key: Vec<u8> = r.try_get("public_key")?;
+            key.try_into()
+                .map_err(|_| anyhow::anyhow!("stored device key is not 32 bytes"))
+        })
+        .transpose()
+    }
+
     /// The public keys of those of `ids` that are registered (revoked or not).
     pub async fn public_keys(&self, ids: &[&str]) -> anyhow::Result<Vec<(String, [u8; 32])>> {
         let mut keys = Vec::with_capacity(ids.len());
@@ -309,5 +325,24 @@ impl Db {
             }
         }
         Ok(newest)
+    }
+}
+
+/// The embedded broker's gate asks the database who a device is.
+#[async_trait::async_trait]
+impl wpm_broker::Directory for Db {
+    async fn login_key(&self, device: &str) -> Option<[u8; 32]> {
+        match Db::login_key(self, device).await {
+            Ok(key) => key,
+            Err(e) => {
+                // Refusing is the safe answer; the device retries with back-off.
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    device,
+                    "cannot look up a device's login key"
+                );
+                None
+            }
+        }
     }
 }

@@ -133,6 +133,10 @@ async fn health(State(state): State<Shared>) -> Json<Value> {
             "delivered": delivered,
             "delivered_bytes": delivered_bytes,
             "dropped": dropped,
+            "refused": {
+                "logins": b.refused_logins.load(Ordering::Relaxed),
+                "subscribes": b.refused_subscribes.load(Ordering::Relaxed),
+            },
         })
     });
     let refused: serde_json::Map<String, Value> = s

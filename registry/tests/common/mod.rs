@@ -171,11 +171,17 @@ impl Api {
     }
 }
 
-fn mqtt_options(url: &str, id: &str) -> MqttOptions {
+/// A username and password for the broker.
+pub type Login = Option<(String, String)>;
+
+fn mqtt_options(url: &str, id: &str, login: Login) -> MqttOptions {
     let (host, port) = wpm_registry::config::parse_broker_url(url).unwrap();
     let mut o = MqttOptions::new(id, host, port);
     o.set_max_packet_size(1 << 20, 1 << 20);
     o.set_keep_alive(Duration::from_secs(30));
+    if let Some((user, password)) = login {
+        o.set_credentials(user, password);
+    }
     o
 }
 
@@ -183,11 +189,12 @@ fn mqtt_options(url: &str, id: &str) -> MqttOptions {
 /// or `timeout` passes.
 pub async fn collect(
     url: &str,
+    login: Login,
     filters: &[String],
     timeout: Duration,
     done: impl Fn(&HashMap<String, Vec<u8>>) -> bool,
 ) -> HashMap<String, Vec<u8>> {
-    let (client, mut ev) = AsyncClient::new(mqtt_options(url, &unique("observer")), 100);
+    let (client, mut ev) = AsyncClient::new(mqtt_options(url, &unique("observer"), login), 100);
     for f in filters {
         client.subscribe(f.clone(), QoS::AtMostOnce).await.unwrap();
     }
@@ -215,9 +222,22 @@ pub async fn collect(
 pub async fn plain_client(
     url: &str,
     id: &str,
+    login: Login,
     will: Option<LastWill>,
 ) -> (AsyncClient, tokio::task::JoinHandle<()>) {
-    let mut o = mqtt_options(url, id);
+    try_client(url, id, login, will)
+        .await
+        .unwrap_or_else(|e| panic!("MQTT client {id} does not connect: {e}"))
+}
+
+/// A plain MQTT client, or why the broker would not have it.
+pub async fn try_client(
+    url: &str,
+    id: &str,
+    login: Login,
+    will: Option<LastWill>,
+) -> Result<(AsyncClient, tokio::task::JoinHandle<()>), String> {
+    let mut o = mqtt_options(url, id, login);
     if let Some(will) = will {
         o.set_last_will(will);
     }
@@ -229,20 +249,25 @@ pub async fn plain_client(
             match ev.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     if let Some(tx) = tx.take() {
-                        let _ = tx.send(());
+                        let _ = tx.send(Ok(()));
                     }
                 }
                 Ok(_) => {}
-                // Disconnected (cut_power, disconnect): the test sees the effects.
-                Err(_) => break,
+                // Refused, or disconnected (cut_power, disconnect): the test sees it.
+                Err(e) => {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(Err(e.to_string()));
+                    }
+                    break;
+                }
             }
         }
     });
-    tokio::time::timeout(Duration::from_secs(10), rx)
-        .await
-        .expect("MQTT client connects")
-        .unwrap();
-    (client, task)
+    match tokio::time::timeout(Duration::from_secs(10), rx).await {
+        Ok(Ok(Ok(()))) => Ok((client, task)),
+        Ok(Ok(Err(e))) => Err(e),
+        Ok(Err(_)) | Err(_) => Err("no answer".into()),
+    }
 }
 
 /// A device stand-in: an MQTT client with its own registered key, sealing and
@@ -290,7 +315,8 @@ impl FakeDevice {
             QoS::AtLeastOnce,
             false,
         );
-        let (client, task) = plain_client(&reg.mqtt_url(), id, Some(will)).await;
+        let login = Some((id.to_string(), wpm_manifests::login_password(&key, id)));
+        let (client, task) = plain_client(&reg.mqtt_url(), id, login, Some(will)).await;
         FakeDevice {
             id: id.to_string(),
             client,

@@ -114,6 +114,8 @@ pub struct RegistryChild {
     pub child: tokio::process::Child,
     pub client: Client,
     pub key: [u8; 32],
+    /// The registry's own login on its embedded broker.
+    pub login: Option<(String, String)>,
 }
 
 impl RegistryChild {
@@ -162,7 +164,17 @@ impl RegistryChild {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        Ok(RegistryChild { child, client, key })
+        // The registry's own broker login, with the embedded broker: the bench's raw
+        // fan-out clients and publishers use it (devices log in as themselves).
+        let login = std::fs::read_to_string(dir.join(wpm_registry::keys::BROKER_PASSWORD_FILE))
+            .ok()
+            .map(|p| (wpm_broker::REGISTRY_USER.to_string(), p.trim().to_string()));
+        Ok(RegistryChild {
+            child,
+            client,
+            key,
+            login,
+        })
     }
 
     pub fn pid(&self) -> Result<u32> {

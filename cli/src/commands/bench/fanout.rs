@@ -29,9 +29,18 @@ fn qos(q: wpm_sim::Qos) -> QoS {
     }
 }
 
-fn options(broker: &str, id: String, max_packet: usize) -> Result<MqttOptions> {
-    let (host, port) = wpm_registry::config::parse_broker_url(broker)?;
+/// Where the bench's raw clients connect, and the login they use there.
+pub struct Broker<'a> {
+    pub url: &'a str,
+    pub login: Option<&'a (String, String)>,
+}
+
+fn options(broker: &Broker<'_>, id: String, max_packet: usize) -> Result<MqttOptions> {
+    let (host, port) = wpm_registry::config::parse_broker_url(broker.url)?;
     let mut o = MqttOptions::new(id, host, port);
+    if let Some((user, password)) = broker.login {
+        o.set_credentials(user.clone(), password.clone());
+    }
     o.set_max_packet_size(Some(max_packet as u32))
         .set_keep_alive(Duration::from_secs(Tuning::NRF9160.keep_alive_s.into()))
         // rumqttc sizes its in-flight table by this (65,536 entries by default).
@@ -68,7 +77,7 @@ async fn wait_all(
 /// `n` clients connected in batches of `batch` (200 ms apart), each driven by `on_event`
 /// until the returned tasks are aborted. Waits until all are connected.
 async fn connect_clients<F>(
-    broker: &str,
+    broker: &Broker<'_>,
     n: usize,
     batch: usize,
     max_packet: usize,
@@ -119,7 +128,7 @@ where
 /// retained) with the device's window and QoS. Returns the time from the start signal to
 /// the last client holding every topic.
 pub async fn fetch(
-    broker: &str,
+    broker: &Broker<'_>,
     n: usize,
     topics: Vec<String>,
     tuning: Tuning,
@@ -179,7 +188,7 @@ pub async fn fetch(
 /// One publisher sends `messages` payloads of `payload` bytes to a topic `n` clients
 /// subscribed to. Returns the time from the first publish to the last delivery.
 pub async fn push(
-    broker: &str,
+    broker: &Broker<'_>,
     n: usize,
     messages: usize,
     payload: usize,

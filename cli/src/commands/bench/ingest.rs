@@ -144,6 +144,11 @@ pub async fn run(global: &GlobalArgs, args: IngestBenchArgs) -> Result<()> {
         );
         o.set_keep_alive(Duration::from_secs(30))
             .set_outgoing_inflight_upper_limit(1000);
+        // One connection speaks for many devices: the registry's own login may (the
+        // registry still checks every report's seal).
+        if let Some((user, password)) = &registry.login {
+            o.set_credentials(user.clone(), password.clone());
+        }
         let (c, mut ev) = AsyncClient::new(o, 1000);
         let published = published.clone();
         tasks.spawn(async move {

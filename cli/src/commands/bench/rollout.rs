@@ -479,8 +479,12 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
         say("raw broker fan-out of the same bytes…");
         let mut topics = vec![Topic::ModuleManifest(&v2_sha).render()];
         topics.extend((0..chunks as u32).map(|i| Topic::Chunk(&v2_sha, i).render()));
+        let raw = fanout::Broker {
+            url: &broker_url,
+            login: registry.login.as_ref(),
+        };
         let fetch = fanout::fetch(
-            &broker_url,
+            &raw,
             args.devices,
             topics,
             wpm_sim::Tuning::NRF9160,
@@ -489,7 +493,7 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
         )
         .await?;
         let push = fanout::push(
-            &broker_url,
+            &raw,
             args.devices,
             chunks,
             chunk_size + 48,
