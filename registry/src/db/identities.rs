@@ -193,8 +193,8 @@ impl Db {
     }
 
     /// The standing of those of `ids` that are registered, read in the ingest's write
-    /// transaction; [`Db::save_counters`] stores what the batch made of it only if no
-    /// one changed it meanwhile.
+    /// transaction; [`Db::save_counters`] stores what a batch made of it only if no
+    /// one changed it since.
     pub async fn standings(
         &self,
         tx: &mut Transaction<'static, Any>,
@@ -226,20 +226,17 @@ impl Db {
         Ok(standings)
     }
 
-    /// Stores the counters an ingest batch moved from `read` (what [`Db::standings`]
-    /// gave) to `now`, one statement per chunk of devices.
-    ///
-    /// # Errors
-    /// Another registry replica moved one of these devices' counters since they were
-    /// read (its transaction committed in between, on PostgreSQL): the caller rolls back
-    /// and judges the batch again. Optimistic rather than `SELECT … FOR UPDATE`,
-    /// which made PostgreSQL write every row twice per batch; SQLite's write transaction
-    /// is the only one, so there it never happens.
+    /// Stores the counters an ingest batch moved from `read` (the standing it judged
+    /// on) to `now`, one statement per chunk of devices. `Ok(false)`: a row was not as
+    /// read (another registry replica moved its counters, the device was revoked or
+    /// removed); the caller rolls back and judges again. Optimistic rather than `SELECT
+    /// … FOR UPDATE`, which made PostgreSQL write every row twice per batch and which
+    /// would need a read before every batch.
     pub async fn save_counters(
         &self,
         tx: &mut Transaction<'static, Any>,
         counters: &[(&str, Counters, Counters)],
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<bool> {
         for chunk in counters.chunks(ROWS_PER_STATEMENT) {
             // Both databases name the columns of a VALUES list column1, column2, …
             let sql = format!(
@@ -247,7 +244,8 @@ impl Db {
                  report_window = v.column3, will_counter = v.column4, will_spent = v.column5 \
                  FROM (VALUES {}) AS v WHERE device_identities.id = v.column1 \
                  AND report_counter = v.column6 AND report_window = v.column7 \
-                 AND will_counter = v.column8 AND will_spent = v.column9",
+                 AND will_counter = v.column8 AND will_spent = v.column9 \
+                 AND revoked_at IS NULL",
                 placeholders(chunk.len(), 9, 1)
             );
             let mut q = self.statement(sql);
@@ -261,15 +259,11 @@ impl Db {
                         .bind(i64::from(c.will_spent));
                 }
             }
-            let updated = q.execute(&mut **tx).await?.rows_affected();
-            anyhow::ensure!(
-                updated == chunk.len() as u64,
-                "report counters of {} device(s) moved meanwhile (another registry replica); \
-                 judging the batch again",
-                chunk.len() as u64 - updated
-            );
+            if q.execute(&mut **tx).await?.rows_affected() != chunk.len() as u64 {
+                return Ok(false);
+            }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Per device, the sequence of the newest deployment that addresses it now (fleet,

@@ -61,8 +61,9 @@ pub(super) async fn run(
             }
         }
     });
+    let mut known = Standings::default();
     while let Some(p) = prepared_rx.recv().await {
-        p.write(&db, &stats).await;
+        p.write(&db, &stats, &mut known).await;
         written.notify_one();
         for m in &p.publishes {
             // Only fails when the connection is gone; the broker then delivers the
@@ -165,24 +166,65 @@ fn admit<'a>(reports: &'a [Verified], standings: &HashMap<String, Standing>) -> 
     }
 }
 
-/// Writes `reports` in one transaction: reads their devices' standings (locked),
-/// admits, writes what was taken and the moved counters.
-async fn commit<'a>(db: &Db, reports: &'a [Verified], now: i64) -> anyhow::Result<Admitted<'a>> {
+/// The devices' standings as the committer last read or saved them. Trusted until a
+/// save finds a row changed underneath (another registry replica took reports of the
+/// device, it was revoked or removed); then read again. So a batch of devices already
+/// heard from reads nothing before it writes.
+#[derive(Default)]
+pub(super) struct Standings(HashMap<String, Standing>);
+
+/// Times a batch is judged again after its counters moved underneath it, before the
+/// batch counts as failed.
+const REJUDGE: usize = 5;
+
+/// Writes `reports` in one transaction: admits them on their devices' standings, writes
+/// what was taken and saves the moved counters, all or nothing.
+async fn commit<'a>(
+    db: &Db,
+    reports: &'a [Verified],
+    now: i64,
+    known: &mut Standings,
+) -> anyhow::Result<Admitted<'a>> {
     let mut devices: Vec<&str> = reports.iter().map(|r| r.device.as_str()).collect();
     devices.sort_unstable();
     devices.dedup();
-    let mut tx = db.begin_write().await?;
-    let standings = db.standings(&mut tx, &devices).await?;
-    let admitted = admit(reports, &standings);
-    let b = &admitted.batch;
-    let statuses: Vec<_> = b.statuses.values().collect();
-    let presences: Vec<_> = b.presences.values().collect();
-    let seen: Vec<_> = b.seen.iter().collect();
-    db.write_reports(&mut tx, &statuses, &presences, &b.events, &seen, now)
-        .await?;
-    db.save_counters(&mut tx, &admitted.counters).await?;
-    tx.commit().await?;
-    Ok(admitted)
+    for _ in 0..REJUDGE {
+        let mut tx = db.begin_write().await?;
+        let missing: Vec<&str> = (devices.iter().copied())
+            .filter(|d| !known.0.contains_key(*d))
+            .collect();
+        if !missing.is_empty() {
+            known.0.extend(db.standings(&mut tx, &missing).await?);
+        }
+        let standings: HashMap<String, Standing> = (devices.iter())
+            .filter_map(|d| known.0.get(*d).map(|s| (d.to_string(), *s)))
+            .collect();
+        let admitted = admit(reports, &standings);
+        let b = &admitted.batch;
+        let statuses: Vec<_> = b.statuses.values().collect();
+        let presences: Vec<_> = b.presences.values().collect();
+        let seen: Vec<_> = b.seen.iter().collect();
+        db.write_reports(&mut tx, &statuses, &presences, &b.events, &seen, now)
+            .await?;
+        if db.save_counters(&mut tx, &admitted.counters).await? {
+            tx.commit().await?;
+            for (id, _, counters) in &admitted.counters {
+                if let Some(s) = known.0.get_mut(*id) {
+                    s.counters = *counters;
+                }
+            }
+            return Ok(admitted);
+        }
+        // Rolled back (dropped); judged again on what the database says now.
+        for d in &devices {
+            known.0.remove(*d);
+        }
+        tracing::debug!(
+            devices = devices.len(),
+            "report counters moved underneath a batch; judging it again"
+        );
+    }
+    anyhow::bail!("report counters kept moving underneath the batch ({REJUDGE} times)")
 }
 
 /// A batch verified and ready to write, with the messages it acknowledges.
@@ -252,13 +294,13 @@ impl Prepared {
     /// reachable but refused the batch [`ATTEMPTS`] times, the reports are written one
     /// by one and any the database still refuses [`ATTEMPTS`] times is counted as
     /// [`Refusal::DatabaseRefused`].
-    async fn write(&self, db: &Db, stats: &IngestStats) {
+    async fn write(&self, db: &Db, stats: &IngestStats, known: &mut Standings) {
         stats.written.fetch_add(self.empty, Ordering::Relaxed);
         let mut wait = Duration::from_millis(100);
         let mut attempts = 0;
         loop {
             let t = std::time::Instant::now();
-            match commit(db, &self.reports, self.now).await {
+            match commit(db, &self.reports, self.now, known).await {
                 Ok(admitted) => {
                     count(stats, &admitted);
                     tracing::debug!(
@@ -288,7 +330,7 @@ impl Prepared {
         for one in self.reports.chunks(1) {
             let mut last = None;
             for attempt in 0..ATTEMPTS {
-                match commit(db, one, self.now).await {
+                match commit(db, one, self.now, known).await {
                     Ok(admitted) => {
                         count(stats, &admitted);
                         last = None;
