@@ -375,14 +375,7 @@ async fn check_ingest(reg: &Registry) {
     .expect("the announced last will marks the device offline");
 
     // Revoked: even its own fresh, genuine reports are dropped.
-    let (code, _) = api
-        .send(
-            reqwest::Method::POST,
-            &format!("/v1/devices/{id}/revoke"),
-            None,
-        )
-        .await;
-    assert_eq!(code, 200);
+    assert_eq!(api.revoke(&id).await, 200);
     // (The embedded broker no longer lets it log in; see check_broker_gate.)
     let revoked = before("revoked_device").await;
     anyone
@@ -520,14 +513,7 @@ async fn check_broker_gate(reg: &Registry) {
     .expect("3 subscriptions refused");
 
     // Revoked: its own login no longer opens the broker.
-    let (code, _) = api
-        .send(
-            reqwest::Method::POST,
-            &format!("/v1/devices/{victim}/revoke"),
-            None,
-        )
-        .await;
-    assert_eq!(code, 200);
+    assert_eq!(api.revoke(&victim).await, 200);
     victim_dev.cut_power();
     assert!(try_client(&url, &victim, victim_login, None).await.is_err());
 }

@@ -158,6 +158,12 @@ impl Api {
         (status, serde_json::from_str(&text).unwrap_or_default())
     }
 
+    /// Revokes a device; the answer's status.
+    pub async fn revoke(&self, device: &str) -> u16 {
+        let path = format!("/v1/devices/{device}/revoke");
+        self.send(reqwest::Method::POST, &path, None).await.0
+    }
+
     pub async fn deploy(&self, body: serde_json::Value) -> (u16, serde_json::Value) {
         let r = self
             .http
