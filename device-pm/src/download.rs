@@ -18,9 +18,16 @@ pub const MAX_ATTEMPTS: u8 = 4;
 pub const RETRY_BACKOFF_MS: u64 = 1_000;
 /// Least time between two progress reports of one download.
 pub const PROGRESS_INTERVAL_MS: u64 = 10_000;
-/// A requested chunk that has not arrived after this long is asked for again (the
-/// broker may have dropped the subscription's delivery).
+/// A requested chunk (or the module manifest) that has not arrived after this long is
+/// asked for again (the broker may have dropped the subscription's delivery).
 pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
+/// A download that got nothing (no manifest, no chunk) for this long with the link up
+/// is given up with a named reason and tried again [`RETRY_LATER_MS`] later: what it
+/// waits for is not on the broker (a retained topic cleared or never published), and
+/// asking every [`REQUEST_TIMEOUT_MS`] forever would cost radio time and hide it.
+pub const STALL_MS: u64 = 300_000;
+/// How long a download given up for a stall waits before it is tried again.
+pub const RETRY_LATER_MS: u64 = 600_000;
 
 /// A module download into one staging bank.
 #[derive(Debug)]
@@ -37,6 +44,10 @@ pub struct Download {
     failures: BTreeMap<u32, u8>,
     /// When progress was last reported (or the first chunk arrived).
     last_report_ms: Option<u64>,
+    /// When the manifest was last asked for, while it has not arrived.
+    manifest_requested_ms: Option<u64>,
+    /// Since when the download has got nothing with the link up (`None`: link down).
+    idle_since_ms: Option<u64>,
 }
 
 /// What to do about a chunk that failed its check.
@@ -58,6 +69,49 @@ impl Download {
             retry_at: BTreeMap::new(),
             failures: BTreeMap::new(),
             last_report_ms: None,
+            manifest_requested_ms: None,
+            idle_since_ms: None,
+        }
+    }
+
+    /// The manifest was asked for now (with the link up).
+    pub fn manifest_requested(&mut self, now_ms: u64) {
+        self.manifest_requested_ms = Some(now_ms);
+        self.idle_since_ms.get_or_insert(now_ms);
+    }
+
+    /// Whether the manifest, asked for and not arrived, should be asked for again.
+    pub fn manifest_late(&mut self, now_ms: u64) -> bool {
+        let late = self.manifest.is_none()
+            && (self.manifest_requested_ms).is_some_and(|at| now_ms >= at + REQUEST_TIMEOUT_MS);
+        if late {
+            self.manifest_requested_ms = Some(now_ms);
+        }
+        late
+    }
+
+    /// Why the download is stalled, once it has got nothing for [`STALL_MS`] with the
+    /// link up.
+    pub fn stalled(&self, now_ms: u64) -> Option<String> {
+        let since = self.idle_since_ms?;
+        (now_ms >= since + STALL_MS).then(|| match self.manifest {
+            None => format!(
+                "its module manifest did not come in {} s (retained topic empty?)",
+                STALL_MS / 1000
+            ),
+            Some(_) => format!(
+                "no chunk came in {} s ({} of {} held; retained chunk topics empty?)",
+                STALL_MS / 1000,
+                self.held(),
+                self.chunk_count()
+            ),
+        })
+    }
+
+    /// Something arrived: the wait starts again.
+    pub fn progressed(&mut self, now_ms: u64) {
+        if self.idle_since_ms.is_some() {
+            self.idle_since_ms = Some(now_ms);
         }
     }
 
@@ -84,6 +138,7 @@ impl Download {
             ));
         }
         self.manifest = Some(manifest);
+        self.manifest_requested_ms = None;
         Ok(())
     }
 
@@ -137,6 +192,12 @@ impl Download {
         Ok(())
     }
 
+    /// Records that chunk `index` arrived and is in flash at `now_ms`.
+    pub fn chunk_arrived(&mut self, index: u32, now_ms: u64) {
+        self.progressed(now_ms);
+        self.mark_held(index);
+    }
+
     /// Records that chunk `index` is in flash.
     pub fn mark_held(&mut self, index: u32) {
         if let Some(h) = self.have.get_mut(index as usize) {
@@ -180,6 +241,7 @@ impl Download {
             return Vec::new();
         }
         let mut picked = Vec::new();
+        self.idle_since_ms.get_or_insert(now_ms);
         for index in 0..self.chunk_count() {
             if self.outstanding.len() >= window.max(1) {
                 break;
@@ -195,8 +257,11 @@ impl Download {
     }
 
     /// Forgets every request: the link went down and took the subscriptions with it.
+    /// Time offline does not count towards a stall.
     pub fn link_lost(&mut self) {
         self.outstanding.clear();
+        self.manifest_requested_ms = None;
+        self.idle_since_ms = None;
     }
 
     /// Requested chunk topics, to unsubscribe when the download is dropped.
@@ -204,11 +269,18 @@ impl Download {
         self.outstanding.keys().copied()
     }
 
-    /// When the download next needs the timer: a backoff or a request timeout ending.
+    /// When the download next needs the timer: a backoff or a request timeout ending,
+    /// or the stall deadline.
     pub fn next_deadline(&self) -> Option<u64> {
         let retry = self.retry_at.values().copied();
-        let timeout = self.outstanding.values().map(|at| at + REQUEST_TIMEOUT_MS);
-        retry.chain(timeout).min()
+        let timeout = (self.outstanding.values().copied())
+            .chain(
+                self.manifest_requested_ms
+                    .filter(|_| self.manifest.is_none()),
+            )
+            .map(|at| at + REQUEST_TIMEOUT_MS);
+        let stall = self.idle_since_ms.map(|at| at + STALL_MS);
+        retry.chain(timeout).chain(stall).min()
     }
 
     /// `Some(held)` when the download, not complete yet, has gone on for another

@@ -182,6 +182,8 @@ pub struct Device<F> {
     failed: BTreeMap<[u8; 32], String>,
     /// Replayed sequences already reported this boot (retained copies come back often).
     reported_replays: BTreeSet<u64>,
+    /// Downloads given up for a stall, by module sha256: when to try each again.
+    parked: BTreeMap<[u8; 32], u64>,
     last_error: Option<String>,
     outputs: VecDeque<Output>,
     link_up: bool,
@@ -247,6 +249,7 @@ impl<F: NorFlash> Device<F> {
             download: None,
             failed: BTreeMap::new(),
             reported_replays: BTreeSet::new(),
+            parked: BTreeMap::new(),
             last_error: None,
             outputs: VecDeque::new(),
             link_up: false,
@@ -284,7 +287,8 @@ impl<F: NorFlash> Device<F> {
         let turn = self.needs_turns().then_some(self.next_turn_ms);
         let status = self.link_up.then_some(self.next_status_ms);
         let download = self.download.as_ref().and_then(Download::next_deadline);
-        [turn, status, download].into_iter().flatten().min()
+        let parked = self.parked.values().copied().min();
+        [turn, status, download, parked].into_iter().flatten().min()
     }
 
     /// The MQTT last will for the next connection: the presence topic and a sealed
@@ -514,6 +518,7 @@ impl<F: NorFlash> Device<F> {
         if let Some(d) = &mut self.download {
             d.link_lost();
             if d.manifest.is_none() {
+                d.manifest_requested(self.now_ms);
                 let topic = Topic::ModuleManifest(&d.module.sha256).render();
                 self.subscribe(topic);
             }
@@ -549,14 +554,28 @@ impl<F: NorFlash> Device<F> {
             self.status_dirty = true;
         }
         if let Some(d) = &mut self.download {
-            let late = d.timed_out(now);
             let digest = d.module.sha256;
-            for index in late {
-                if self.link_up {
-                    let topic = Topic::Chunk(&digest, index).render();
+            let mut late: Vec<String> = (d.timed_out(now).into_iter())
+                .map(|index| Topic::Chunk(&digest, index).render())
+                .collect();
+            if d.manifest_late(now) {
+                late.push(Topic::ModuleManifest(&digest).render());
+            }
+            let stalled = d.stalled(now);
+            if self.link_up {
+                for topic in late {
                     self.unsubscribe(topic.clone());
                     self.subscribe(topic);
                 }
+            }
+            if let Some(reason) = stalled {
+                self.download_stalled(reason);
+            }
+        }
+        if self.parked.values().any(|until| *until <= now) {
+            self.parked.retain(|_, until| *until > now);
+            if self.download.is_none() {
+                self.next_download();
             }
         }
         self.request_chunks();
@@ -1279,6 +1298,7 @@ impl<F: NorFlash> Device<F> {
                 !state.installed.iter().any(|i| i.module.sha256 == m.sha256)
                     && !state.refused.iter().any(|r| r.sha256 == m.sha256)
                     && !self.failed.contains_key(&*m.sha256)
+                    && !self.parked.contains_key(&*m.sha256)
             });
             let Some(module) = next.cloned() else { return };
             match self.begin_download(&module) {
@@ -1334,11 +1354,33 @@ impl<F: NorFlash> Device<F> {
                 bank
             }
         };
-        self.download = Some(Download::new(module.clone(), bank));
+        let mut download = Download::new(module.clone(), bank);
         if self.link_up {
+            download.manifest_requested(self.now_ms);
             self.subscribe(Topic::ModuleManifest(&module.sha256).render());
         }
+        self.download = Some(download);
         Ok(())
+    }
+
+    /// Gives the current download up for now: what it waits for is not on the broker.
+    /// Not a refusal of the module: it is tried again [`download::RETRY_LATER_MS`]
+    /// later (or at the next boot or deployment), others first.
+    fn download_stalled(&mut self, reason: String) {
+        let Some(d) = self.cancel_download() else {
+            return;
+        };
+        let retry = download::RETRY_LATER_MS;
+        self.parked.insert(sha(&d.module), self.now_ms + retry);
+        self.event(EventKind::InstallFailed {
+            module: d.module.name.clone(),
+            version: d.module.version.clone(),
+            reason: format!(
+                "download stalled, trying again in {} s: {reason}",
+                retry / 1000
+            ),
+        });
+        self.next_download();
     }
 
     /// Gives the current download up.
@@ -1367,6 +1409,9 @@ impl<F: NorFlash> Device<F> {
         }
         if self.link_up {
             self.unsubscribe(Topic::ModuleManifest(digest).render());
+        }
+        if let Some(d) = &mut self.download {
+            d.progressed(self.now_ms);
         }
         if let Err(e) = self.find_staged_chunks() {
             return self.download_failed(format!("reading the staging bank: {e}"));
@@ -1434,7 +1479,7 @@ impl<F: NorFlash> Device<F> {
         if let Err(e) = self.store.write(d.bank, offset, &chunk.data) {
             return self.download_failed(format!("writing chunk {index}: {e}"));
         }
-        d.mark_held(index);
+        d.chunk_arrived(index, self.now_ms);
         self.after_chunk();
     }
 

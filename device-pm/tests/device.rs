@@ -555,3 +555,57 @@ fn a_new_device_accepts_no_deployment_older_than_its_provisioning_floor() {
     w.advance(TURN_MS * HEALTH_TURNS as u64);
     assert_eq!(w.modules(), vec![module_state("hello", "1.0.0", "running")]);
 }
+
+#[test]
+fn a_download_whose_manifest_never_comes_gives_up_with_a_reason_and_tries_again_later() {
+    use wpm_device_pm::download::{REQUEST_TIMEOUT_MS, RETRY_LATER_MS, STALL_MS};
+    let mut w = World::new();
+    let hello = w.publish_module("hello", "1.0.0", &wasm("v1", 0, ""));
+    // Someone cleared the retained manifest (an empty retained message).
+    let manifest_topic = Topic::ModuleManifest(&hello.sha256).render();
+    let manifest = w.retained.remove(&manifest_topic).unwrap();
+    w.deploy(vec![hello.clone()]);
+    w.clear_sent();
+    // Asked for again every request timeout, and nothing said before the stall.
+    w.advance(STALL_MS - 1_000);
+    assert!(w.subscriptions[&manifest_topic] >= (STALL_MS / REQUEST_TIMEOUT_MS) as usize);
+    assert_eq!(w.events(), vec![]);
+    w.advance(2_000);
+    let stalled: Vec<String> = (w.events().into_iter())
+        .filter_map(|e| match e {
+            EventKind::InstallFailed { reason, .. } => Some(reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stalled.len(), 1, "{stalled:?}");
+    assert!(
+        stalled[0].contains("module manifest did not come"),
+        "{}",
+        stalled[0]
+    );
+    assert!(stalled[0].contains("trying again"), "{}", stalled[0]);
+    // Nobody asks for it while the download waits to be tried again.
+    let asked = w.subscriptions[&manifest_topic];
+    w.advance(RETRY_LATER_MS / 2);
+    assert_eq!(w.subscriptions[&manifest_topic], asked);
+    // The registry puts it back; the next try installs it, no new deployment needed.
+    w.retained.insert(manifest_topic, manifest);
+    w.advance(RETRY_LATER_MS / 2 + TURN_MS * (HEALTH_TURNS as u64 + 1));
+    assert_eq!(w.modules(), vec![module_state("hello", "1.0.0", "running")]);
+}
+
+#[test]
+fn a_download_whose_chunks_never_come_gives_up_with_a_reason() {
+    use wpm_device_pm::download::STALL_MS;
+    let mut w = World::new();
+    // Only the first two chunks are on the broker.
+    let hello = w.publish_module_partly("hello", "1.0.0", &wasm("v1", 0, ""), Some(2));
+    w.deploy(vec![hello]);
+    w.clear_sent();
+    w.advance(STALL_MS + 1_000);
+    assert!(has_event(&w, |e| matches!(
+        e,
+        EventKind::InstallFailed { reason, .. } if reason.contains("no chunk came") && reason.contains("2 of")
+    )));
+    assert_eq!(w.modules(), vec![]);
+}
