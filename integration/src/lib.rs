@@ -163,6 +163,30 @@ impl Env {
         })
     }
 
+    /// `n` registered simulated devices in `group` running hello 1.0.0, with hello 2.0.0
+    /// (good) and 3.0.0 (traps) published: where the rollout tests start.
+    pub async fn hello_fleet(
+        &self,
+        n: usize,
+        group: &str,
+        timeout: Duration,
+    ) -> Result<(wpm_sim::Fleet, Vec<String>)> {
+        let fleet = self.api.start_fleet(self.fleet_config(n, group)).await?;
+        let devices = fleet.device_ids().to_vec();
+        for (v, file) in [
+            ("1.0.0", "hello/v1.wat"),
+            ("2.0.0", "hello/v2.wat"),
+            ("3.0.0", "faulty/traps.wat"),
+        ] {
+            self.api.publish("hello", v, example(file)).await?.ok()?;
+        }
+        self.api.deploy("hello", "1.0.0", group).await?.ok()?;
+        self.api
+            .wait_running(&devices, "hello", "1.0.0", timeout)
+            .await?;
+        Ok((fleet, devices))
+    }
+
     /// Configuration for `n` simulated devices in `group`, trusting this registry.
     pub fn fleet_config(&self, n: usize, group: &str) -> wpm_sim::FleetConfig {
         let mut config = wpm_sim::FleetConfig::new(

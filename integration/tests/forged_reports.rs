@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use wpm_integration::{example, unique, Backend, Env, Mqtt};
+use wpm_integration::{unique, Backend, Env, Mqtt};
 use wpm_manifests::{
     DeviceStatus, Event, EventKind, KeyPair, ModuleState, ModuleStatus, Report, ReportBody, Topic,
 };
@@ -90,6 +90,44 @@ fn flood(
     })
 }
 
+/// Rolls `version` out to `group` (canary 25 %, then all, no failure allowed) while
+/// `devices` are flooded with forgeries about it, until the rollout is in `end`; the
+/// forgeries sent.
+async fn under_flood(
+    env: &Env,
+    devices: &[String],
+    group: &str,
+    version: &'static str,
+    failing: bool,
+    end: &str,
+) -> anyhow::Result<u64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let wire = Mqtt::connect(&env.mqtt_url).await?;
+    let attack = flood(
+        wire,
+        devices.to_vec(),
+        group.to_string(),
+        version,
+        failing,
+        stop.clone(),
+    );
+    let id = env
+        .api
+        .create_rollout("hello", version, group, &[25, 100], 60)
+        .await?;
+    let r = env.api.wait_rollout(id, end, CONVERGE).await?;
+    if end == "rolled_back" {
+        assert!(
+            r["reason"].as_str().unwrap_or_default().contains("halted"),
+            "{r}"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = attack.await??;
+    assert!(sent > 0);
+    Ok(sent)
+}
+
 async fn refused(env: &Env) -> anyhow::Result<u64> {
     let h = env.api.get("/v1/health").await?.ok()?;
     Ok(["bad_signature", "not_a_sealed_report"]
@@ -102,67 +140,17 @@ async fn refused(env: &Env) -> anyhow::Result<u64> {
 async fn forged_reports_neither_complete_a_bad_rollout_nor_halt_a_good_one() -> anyhow::Result<()> {
     let env = Env::start(Backend::MosquittoPostgres).await?;
     let group = unique("forged");
-    let fleet = env.api.start_fleet(env.fleet_config(4, &group)).await?;
-    let devices = fleet.device_ids().to_vec();
-    for (v, file) in [
-        ("1.0.0", "hello/v1.wat"),
-        ("2.0.0", "hello/v2.wat"),
-        ("3.0.0", "faulty/traps.wat"),
-    ] {
-        env.api.publish("hello", v, example(file)).await?.ok()?;
-    }
-    env.api.deploy("hello", "1.0.0", &group).await?.ok()?;
-    env.api
-        .wait_running(&devices, "hello", "1.0.0", CONVERGE)
-        .await?;
+    let (fleet, devices) = env.hello_fleet(4, &group, CONVERGE).await?;
     let before = refused(&env).await?;
 
     // A version that traps, while every device "reports" running it: the real canary's
     // failure halts the rollout anyway.
-    let stop = Arc::new(AtomicBool::new(false));
-    let wire = Mqtt::connect(&env.mqtt_url).await?;
-    let attack = flood(
-        wire,
-        devices.clone(),
-        group.clone(),
-        "3.0.0",
-        false,
-        stop.clone(),
-    );
-    let bad = env
-        .api
-        .create_rollout("hello", "3.0.0", &group, &[25, 100], 60)
-        .await?;
-    let r = env.api.wait_rollout(bad, "rolled_back", CONVERGE).await?;
-    assert!(
-        r["reason"].as_str().unwrap_or_default().contains("halted"),
-        "{r}"
-    );
-    stop.store(true, Ordering::Relaxed);
-    let sent = attack.await??;
-    assert!(sent > 0);
+    let mut sent = under_flood(&env, &devices, &group, "3.0.0", false, "rolled_back").await?;
     env.api
         .wait_running(&devices, "hello", "1.0.0", CONVERGE)
         .await?;
-
     // A good version, while every device "reports" it trapping: it completes.
-    let stop = Arc::new(AtomicBool::new(false));
-    let wire = Mqtt::connect(&env.mqtt_url).await?;
-    let attack = flood(
-        wire,
-        devices.clone(),
-        group.clone(),
-        "2.0.0",
-        true,
-        stop.clone(),
-    );
-    let good = env
-        .api
-        .create_rollout("hello", "2.0.0", &group, &[25, 100], 60)
-        .await?;
-    env.api.wait_rollout(good, "completed", CONVERGE).await?;
-    stop.store(true, Ordering::Relaxed);
-    let sent = sent + attack.await??;
+    sent += under_flood(&env, &devices, &group, "2.0.0", true, "completed").await?;
     env.api
         .wait_running(&devices, "hello", "2.0.0", CONVERGE)
         .await?;

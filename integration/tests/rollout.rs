@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 use std::time::Duration;
-use wpm_integration::{device_runs, example, unique, Backend, Env};
+use wpm_integration::{device_runs, unique, Backend, Env};
 
 const CONVERGE: Duration = Duration::from_secs(90);
 
@@ -26,19 +26,7 @@ fn devices_by_stage(r: &Value) -> Vec<(String, i64, String)> {
 async fn staged_rollouts(backend: Backend) -> anyhow::Result<()> {
     let env = Env::start(backend).await?;
     let group = unique("ro");
-    let fleet = env.api.start_fleet(env.fleet_config(4, &group)).await?;
-    let devices = fleet.device_ids().to_vec();
-    for (v, file) in [
-        ("1.0.0", "hello/v1.wat"),
-        ("2.0.0", "hello/v2.wat"),
-        ("3.0.0", "faulty/traps.wat"),
-    ] {
-        env.api.publish("hello", v, example(file)).await?.ok()?;
-    }
-    env.api.deploy("hello", "1.0.0", &group).await?.ok()?;
-    env.api
-        .wait_running(&devices, "hello", "1.0.0", CONVERGE)
-        .await?;
+    let (fleet, devices) = env.hello_fleet(4, &group, CONVERGE).await?;
 
     // 25 % (one device), 50 % (one more), then the group manifest for the rest.
     let body = json!({"module": "hello", "version": "2.0.0", "group": group,

@@ -66,6 +66,22 @@ impl From<anyhow::Error> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// A module version that was uploaded, or 404 saying how to upload it.
+async fn published_module(
+    state: &Shared,
+    name: &str,
+    version: &str,
+) -> ApiResult<crate::db::ModuleRow> {
+    state.db.module(name, version).await?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no module {name}@{version}: upload it first (PUT /v1/modules/{name}/{version})"
+            ),
+        )
+    })
+}
+
 pub fn router(state: Shared) -> Router {
     let authed = Router::new()
         .route("/v1/modules", get(list_modules))
@@ -421,19 +437,7 @@ async fn deploy(
             ));
         }
     }
-    let module = state
-        .db
-        .module(&req.module, &req.version)
-        .await?
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "no module {}@{}: upload it first (PUT /v1/modules/{}/{})",
-                    req.module, req.version, req.module, req.version
-                ),
-            )
-        })?;
+    let module = published_module(&state, &req.module, &req.version).await?;
 
     let health = health_window(req.health_turns, req.health_seconds)?;
     let (deployment, row) = state

@@ -50,16 +50,7 @@ pub(super) async fn create_rollout(
             "max_failure_pct is a percentage (0 to 100)",
         ));
     }
-    let module = state
-        .db
-        .module(&req.module, &req.version)
-        .await?
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("no module {}@{}: upload it first", req.module, req.version),
-            )
-        })?;
+    let module = published_module(&state, &req.module, &req.version).await?;
     let previous = state
         .db
         .desired_set(&Target::Group(req.group.clone()))
