@@ -4,6 +4,7 @@
 use super::{list, placeholders, Db, ROWS_PER_STATEMENT};
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row as _, Transaction};
+use std::collections::HashSet;
 
 /// One device's status, as the ingest hands it over.
 #[derive(Clone, Debug)]
@@ -18,7 +19,7 @@ pub struct StatusWrite {
     pub last_error: Option<String>,
     /// Digest of `groups` and `modules`: when it matches the stored one, their rows
     /// stay as they are.
-    pub rows_digest: Vec<u8>,
+    pub rows_digest: RowsDigest,
     pub status: Vec<u8>,
     /// The device's clock when it sent the status: shown, never used to order.
     pub status_at: i64,
@@ -29,6 +30,9 @@ pub struct StatusWrite {
     pub seen_at: i64,
     pub modules: Vec<DeviceModule>,
 }
+
+/// A digest of a status's groups and modules.
+pub type RowsDigest = [u8; 16];
 
 /// One module as a device reported it: what ingest writes and the fleet view reads.
 #[derive(Clone, Debug)]
@@ -168,7 +172,11 @@ impl Db {
     /// Writes one ingest batch's reports in the caller's transaction, a few multi-row
     /// statements per kind of record. A status or presence with a lower counter than
     /// the stored one (a late report) changes nothing; the `seen` devices' last_seen
-    /// moves to `seen_at`.
+    /// moves to `seen_at`. `stored_digest` says what digest of its group and module
+    /// rows a device has stored: a stored status with another replaces those rows.
+    ///
+    /// Returns the devices whose status was stored.
+    #[allow(clippy::too_many_arguments)]
     pub async fn write_reports(
         &self,
         tx: &mut Transaction<'static, Any>,
@@ -177,22 +185,10 @@ impl Db {
         events: &[EventWrite],
         seen: &[&String],
         seen_at: i64,
-    ) -> anyhow::Result<()> {
+        stored_digest: impl Fn(&str) -> Option<RowsDigest>,
+    ) -> anyhow::Result<HashSet<String>> {
+        let mut stored = HashSet::new();
         for chunk in statuses.chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "SELECT id, rows_digest FROM devices WHERE id IN ({})",
-                list(chunk.len(), 1)
-            );
-            let mut q = self.statement(sql);
-            for s in chunk {
-                q = q.bind(&s.device);
-            }
-            let stored: std::collections::HashMap<String, Option<Vec<u8>>> = q
-                .fetch_all(&mut **tx)
-                .await?
-                .iter()
-                .map(|r| Ok((r.try_get("id")?, r.try_get("rows_digest")?)))
-                .collect::<anyhow::Result<_>>()?;
             let sql = format!(
                 "INSERT INTO devices (id, groups_json, online, last_seen, sequence, slots_used, \
                  slots_total, flash_free, ram_free, last_error, rows_digest, status, status_at, \
@@ -224,12 +220,12 @@ impl Db {
                     .bind(s.flash_free)
                     .bind(s.ram_free)
                     .bind(&s.last_error)
-                    .bind(s.rows_digest.clone())
+                    .bind(s.rows_digest.to_vec())
                     .bind(s.status.clone())
                     .bind(s.status_at)
                     .bind(s.counter);
             }
-            let changed: std::collections::HashSet<String> = q
+            let written: HashSet<String> = q
                 .fetch_all(&mut **tx)
                 .await?
                 .iter()
@@ -238,11 +234,12 @@ impl Db {
             // Stored, and with other groups or modules than before.
             let changed: Vec<&StatusWrite> = chunk
                 .iter()
-                .filter(|s| changed.contains(&s.device))
-                .filter(|s| stored.get(&s.device) != Some(&Some(s.rows_digest.clone())))
+                .filter(|s| written.contains(&s.device))
+                .filter(|s| stored_digest(&s.device) != Some(s.rows_digest))
                 .copied()
                 .collect();
             self.replace_device_rows(tx, &changed).await?;
+            stored.extend(written);
         }
         let (wills, presences): (Vec<&PresenceWrite>, Vec<&PresenceWrite>) =
             presences.iter().partition(|p| p.will);
@@ -318,7 +315,7 @@ impl Db {
             }
             q.execute(&mut **tx).await?;
         }
-        Ok(())
+        Ok(stored)
     }
 
     /// The numbers of a fleet view: devices, online, failing, and per module version.

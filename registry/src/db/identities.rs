@@ -1,7 +1,7 @@
 //! Device identities: the ed25519 public key each device was provisioned with, and
 //! whether it is revoked.
 
-use super::{list, placeholders, Db, ROWS_PER_STATEMENT};
+use super::{list, placeholders, Db, RowsDigest, ROWS_PER_STATEMENT};
 use crate::ingest::Counters;
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row as _, Transaction};
@@ -31,6 +31,9 @@ pub struct NewIdentity {
 pub struct Standing {
     pub counters: Counters,
     pub revoked: bool,
+    /// The digest of the group and module rows stored for its last status, if any: a
+    /// status with the same digest leaves those rows alone.
+    pub rows_digest: Option<RowsDigest>,
 }
 
 const COLUMNS: &str = "id, public_key, groups_json, registered_at, revoked_at";
@@ -203,8 +206,12 @@ impl Db {
         let mut standings = HashMap::with_capacity(ids.len());
         for chunk in ids.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
-                "SELECT id, report_counter, report_window, will_counter, will_spent, \
-                 revoked_at FROM device_identities WHERE id IN ({})",
+                // A correlated lookup rather than a join: PostgreSQL hashes the whole
+                // devices table for a join, whatever the size of the list.
+                "SELECT i.id, i.report_counter, i.report_window, i.will_counter, \
+                 i.will_spent, i.revoked_at, \
+                 (SELECT d.rows_digest FROM devices d WHERE d.id = i.id) AS rows_digest \
+                 FROM device_identities i WHERE i.id IN ({})",
                 list(chunk.len(), 1)
             );
             let mut q = self.statement(sql);
@@ -220,7 +227,14 @@ impl Db {
                     will_spent: r.try_get::<i64, _>("will_spent")? != 0,
                 };
                 let revoked = r.try_get::<Option<i64>, _>("revoked_at")?.is_some();
-                standings.insert(r.try_get("id")?, Standing { counters, revoked });
+                let rows_digest = (r.try_get::<Option<Vec<u8>>, _>("rows_digest")?)
+                    .and_then(|d| d.try_into().ok());
+                let standing = Standing {
+                    counters,
+                    revoked,
+                    rows_digest,
+                };
+                standings.insert(r.try_get("id")?, standing);
             }
         }
         Ok(standings)

@@ -21,7 +21,7 @@ mod rollouts;
 pub use deployments::{DeploymentRow, DesiredChange};
 pub use devices::{
     DeviceModule, DeviceView, EventView, EventWrite, FleetFilter, FleetSummary, PresenceWrite,
-    StatusWrite, VersionCount,
+    RowsDigest, StatusWrite, VersionCount,
 };
 pub use identities::{Identity, NewIdentity, Standing};
 pub use modules::{InsertOutcome, ModuleRow};
@@ -71,9 +71,10 @@ fn digest(bytes: Vec<u8>) -> anyhow::Result<[u8; 32]> {
         .try_into()
         .map_err(|_| anyhow::anyhow!("stored sha256 is not 32 bytes"))
 }
-/// Rows per multi-row statement: 12 columns × 200 stays far below SQLite's and
-/// PostgreSQL's parameter limits.
-const ROWS_PER_STATEMENT: usize = 200;
+/// Rows per multi-row statement: at most 14 columns × 1000 rows, below SQLite's
+/// 32,766 and PostgreSQL's 65,535 parameters. Fewer, larger statements: PostgreSQL
+/// plans an `UPDATE … FROM (VALUES …)` as a scan of the whole table, once per statement.
+const ROWS_PER_STATEMENT: usize = 1000;
 
 /// `($first, …), (…), …`: `rows` groups of `columns` numbered placeholders, in order.
 fn placeholders(rows: usize, columns: usize, first: usize) -> String {

@@ -310,7 +310,8 @@ fn status_write(
         ram_free: s.ram_free.into(),
         last_error: s.last_error.clone(),
         rows_digest: wpm_manifests::sha256(&wpm_manifests::encode(&(&s.groups, &s.modules)))[..16]
-            .to_vec(),
+            .try_into()
+            .expect("16 of 32 bytes"),
         status: wpm_manifests::encode(&s),
         status_at: i64::try_from(s.at_ms).unwrap_or(i64::MAX),
         counter,

@@ -204,13 +204,22 @@ async fn commit<'a>(
         let statuses: Vec<_> = b.statuses.values().collect();
         let presences: Vec<_> = b.presences.values().collect();
         let seen: Vec<_> = b.seen.iter().collect();
-        db.write_reports(&mut tx, &statuses, &presences, &b.events, &seen, now)
+        let digest = |d: &str| standings.get(d).and_then(|s| s.rows_digest);
+        let stored = db
+            .write_reports(
+                &mut tx, &statuses, &presences, &b.events, &seen, now, digest,
+            )
             .await?;
         if db.save_counters(&mut tx, &admitted.counters).await? {
             tx.commit().await?;
             for (id, _, counters) in &admitted.counters {
                 if let Some(s) = known.0.get_mut(*id) {
                     s.counters = *counters;
+                }
+            }
+            for s in statuses.iter().filter(|s| stored.contains(&s.device)) {
+                if let Some(k) = known.0.get_mut(&s.device) {
+                    k.rows_digest = Some(s.rows_digest);
                 }
             }
             return Ok(admitted);
@@ -394,6 +403,7 @@ mod tests {
                 ..Counters::default()
             },
             revoked: false,
+            rows_digest: None,
         }
     }
 
