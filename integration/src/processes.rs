@@ -118,13 +118,17 @@ pub struct OwnMosquitto {
 impl OwnMosquitto {
     /// With the configuration `wpm broker config --mosquitto` writes, in memory only.
     pub fn start() -> Result<OwnMosquitto> {
-        use std::io::Write as _;
         let port = free_port();
         let mut o = wpm_registry::external_broker::MosquittoOptions::new(port);
         o.bind = "127.0.0.1".into();
         o.persistence_dir = None;
-        let mut config = tempfile::NamedTempFile::new()?;
-        config.write_all(wpm_registry::external_broker::mosquitto_conf(&o).as_bytes())?;
+        Self::with_config(port, &wpm_registry::external_broker::mosquitto_conf(&o))
+    }
+
+    /// With this configuration text, whose (first) listener is on `port`.
+    pub fn with_config(port: u16, text: &str) -> Result<OwnMosquitto> {
+        let config = tempfile::NamedTempFile::new()?;
+        std::fs::write(config.path(), text)?;
         let mut m = OwnMosquitto {
             port,
             config,
@@ -141,6 +145,16 @@ impl OwnMosquitto {
     /// SIGKILL: no clean disconnects, no last wills delivered by a graceful shutdown.
     pub fn kill(&mut self) {
         self.process.take();
+    }
+
+    /// SIGHUP: it reads its password and ACL files again.
+    pub fn reload(&self) -> Result<()> {
+        let pid = (self.process.as_ref().map(|c| c.0.id())).context("mosquitto is not running")?;
+        let status = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -HUP {pid} failed");
+        Ok(())
     }
 
     /// Starts it (again) on the same port.

@@ -146,6 +146,28 @@ pub fn device_may_subscribe(device: &str, filter: &str) -> bool {
     }
 }
 
+/// What a device may publish, as topic patterns in which `%u` stands for its own id and
+/// `+` for any one level: the rule of [`device_may_publish`], for brokers whose ACLs
+/// take patterns (Mosquitto's `acl_file`). The tests keep the two in agreement.
+pub const DEVICE_PUBLISHES: [&str; 4] = [
+    "wpm/v1/device/%u/status",
+    "wpm/v1/device/%u/presence",
+    "wpm/v1/device/%u/events",
+    "wpm/v1/device/%u/telemetry/+",
+];
+
+/// What a device may subscribe to and receive, as patterns like [`DEVICE_PUBLISHES`]:
+/// the rule of [`device_may_subscribe`], which also checks module digests and chunk
+/// numbers by name.
+pub const DEVICE_RECEIVES: [&str; 6] = [
+    "wpm/v1/deploy/fleet",
+    "wpm/v1/deploy/group/+",
+    "wpm/v1/deploy/device/%u",
+    "wpm/v1/device/%u/command",
+    "wpm/v1/module/+/manifest",
+    "wpm/v1/module/+/chunk/+",
+];
+
 /// A module-side topic, parsed back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModuleTopic {
@@ -218,8 +240,66 @@ mod tests {
             Topic::Chunk(&h, 0),
         ] {
             assert!(!device_may_publish("d1", &t.render()), "{t:?}");
+            assert!(!matches_any(&DEVICE_PUBLISHES, "d1", &t.render()), "{t:?}");
         }
         assert!(!device_may_publish("d1", "anything/else"));
+    }
+
+    /// Whether a pattern of [`DEVICE_PUBLISHES`] or [`DEVICE_RECEIVES`] matches a topic
+    /// of `device`, as a broker applies it.
+    fn matches_any(patterns: &[&str], device: &str, topic: &str) -> bool {
+        patterns.iter().any(|p| {
+            let p = p.replace("%u", device);
+            let (mut p, mut t) = (p.split('/'), topic.split('/'));
+            loop {
+                match (p.next(), t.next()) {
+                    (None, None) => return true,
+                    (Some("+"), Some(_)) => {}
+                    (Some(a), Some(b)) if a == b => {}
+                    _ => return false,
+                }
+            }
+        })
+    }
+
+    #[test]
+    fn the_acl_patterns_say_what_the_rules_say() {
+        for p in DEVICE_PUBLISHES.iter().chain(&DEVICE_RECEIVES) {
+            assert!(p.starts_with(PREFIX), "{p}");
+        }
+        let h = [0xab; 32];
+        let reports = [
+            Topic::Status("d1"),
+            Topic::Presence("d1"),
+            Topic::Events("d1"),
+            Topic::Telemetry("d1", "m"),
+        ];
+        let receives = [
+            Topic::Deployment(&Target::Fleet),
+            Topic::Deployment(&Target::Group("eu".into())),
+            Topic::Deployment(&Target::Device("d1".into())),
+            Topic::Command("d1"),
+            Topic::ModuleManifest(&h),
+            Topic::Chunk(&h, 7),
+        ];
+        for t in reports.iter().map(Topic::render) {
+            assert!(matches_any(&DEVICE_PUBLISHES, "d1", &t), "{t}");
+            assert!(!matches_any(&DEVICE_PUBLISHES, "d2", &t), "{t}");
+            assert!(!matches_any(&DEVICE_RECEIVES, "d1", &t), "{t}");
+        }
+        for t in receives.iter().map(Topic::render) {
+            assert!(device_may_subscribe("d1", &t), "{t}");
+            assert!(matches_any(&DEVICE_RECEIVES, "d1", &t), "{t}");
+            assert!(!matches_any(&DEVICE_PUBLISHES, "d1", &t), "{t}");
+        }
+        for t in [
+            Topic::Deployment(&Target::Device("d2".into())).render(),
+            Topic::Command("d2").render(),
+            "wpm/v1/deploy/group/eu/x".into(),
+        ] {
+            assert!(!device_may_subscribe("d1", &t), "{t}");
+            assert!(!matches_any(&DEVICE_RECEIVES, "d1", &t), "{t}");
+        }
     }
 
     #[test]

@@ -137,7 +137,8 @@ impl From<ServeArgs> for Config {
     }
 }
 
-/// Splits `mqtt://host:port` (or `tcp://`, or bare `host:port`) into host and port.
+/// Splits `mqtt://host:port` (or `tcp://`, or bare `host:port`) into host and port; a
+/// login in the URL (`user:password@`) is [`broker_url_login`]'s.
 pub fn parse_broker_url(url: &str) -> anyhow::Result<(String, u16)> {
     let rest = url
         .strip_prefix("mqtt://")
@@ -147,6 +148,7 @@ pub fn parse_broker_url(url: &str) -> anyhow::Result<(String, u16)> {
         anyhow::bail!("unsupported broker URL {url:?}: only mqtt://host:port is supported");
     }
     let rest = rest.trim_end_matches('/');
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) => (
             h,
@@ -159,6 +161,26 @@ pub fn parse_broker_url(url: &str) -> anyhow::Result<(String, u16)> {
         anyhow::bail!("no host in broker URL {url:?}");
     }
     Ok((host.trim_matches(['[', ']']).to_string(), port))
+}
+
+/// The username and password of a broker URL (`mqtt://user:password@host:port`), if it
+/// has them: how a registry logs in to a locked-down external broker.
+///
+/// # Errors
+/// When the URL names a user without a password.
+pub fn broker_url_login(url: &str) -> anyhow::Result<Option<(String, String)>> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let Some((userinfo, _)) = rest.rsplit_once('@') else {
+        return Ok(None);
+    };
+    match userinfo.split_once(':') {
+        Some((user, password)) if !user.is_empty() => {
+            Ok(Some((user.to_string(), password.to_string())))
+        }
+        _ => anyhow::bail!(
+            "the broker URL names a user but no password: mqtt://USER:PASSWORD@HOST:PORT"
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -177,6 +199,14 @@ mod tests {
         );
         assert!(parse_broker_url("mqtts://x:1").is_err());
         assert!(parse_broker_url("mqtt://x:notaport").is_err());
+        let url = "mqtt://wpm-registry:s3:cret@10.0.0.2:1884";
+        assert_eq!(parse_broker_url(url).unwrap(), ("10.0.0.2".into(), 1884));
+        assert_eq!(
+            broker_url_login(url).unwrap(),
+            Some(("wpm-registry".into(), "s3:cret".into()))
+        );
+        assert_eq!(broker_url_login("mqtt://h:1").unwrap(), None);
+        assert!(broker_url_login("mqtt://user@h:1").is_err());
     }
 
     #[test]

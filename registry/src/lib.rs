@@ -70,10 +70,11 @@ impl Registry {
 
         let max_packet = config.max_packet_size();
         let mut embedded = None;
-        let mut credentials = None;
+        let credentials;
         let (host, port, mqtt_url) = match &config.broker {
             Some(url) => {
                 let (host, port) = config::parse_broker_url(url)?;
+                credentials = config::broker_url_login(url)?;
                 (host.clone(), port, format!("mqtt://{host}:{port}"))
             }
             None => {
@@ -221,9 +222,9 @@ impl Registry {
         &self.token
     }
 
-    /// The username and password of the registry's own clients on its embedded broker
-    /// (`None` with an external broker): for operator tools on this machine, which may
-    /// read and publish anything.
+    /// The username and password of the registry's own clients on its broker (the
+    /// embedded one's, or the login in the external broker's URL; `None` for an open
+    /// broker): for operator tools on this machine, which may read and publish anything.
     pub fn broker_login(&self) -> Option<(String, String)> {
         self.broker_login.clone()
     }

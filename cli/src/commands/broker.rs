@@ -37,6 +37,21 @@ pub struct ConfigArgs {
     /// Write to this file instead of standard output
     #[arg(long, value_name = "PATH")]
     pub out: Option<PathBuf>,
+
+    /// Lock the broker down: no anonymous clients, devices limited to their own topics.
+    /// Writes the registry's login into this password file (devices' logins are added by
+    /// `wpm device add|import --mosquitto-passwd`)
+    #[arg(long, value_name = "PATH", requires = "acl_file")]
+    pub password_file: Option<PathBuf>,
+
+    /// Where to write the ACL of a locked-down broker
+    #[arg(long, value_name = "PATH", requires = "password_file")]
+    pub acl_file: Option<PathBuf>,
+
+    /// The listener registries log in on, when locked down (keep it off the devices'
+    /// network)
+    #[arg(long, default_value = "127.0.0.1:1884", value_name = "ADDR")]
+    pub registry_listen: SocketAddr,
 }
 
 pub fn config(args: ConfigArgs) -> Result<()> {
@@ -46,6 +61,34 @@ pub fn config(args: ConfigArgs) -> Result<()> {
     let mut o = wpm_registry::external_broker::MosquittoOptions::new(args.port);
     o.bind = args.bind;
     o.persistence_dir = (!args.no_persistence).then_some(args.persistence_dir);
+    if let (Some(password_file), Some(acl_file)) = (args.password_file, args.acl_file) {
+        use wpm_registry::external_broker as eb;
+        std::fs::write(&acl_file, eb::mosquitto_acl())
+            .with_context(|| format!("writing {}", acl_file.display()))?;
+        let password = hex::encode(wpm_registry::keys::random_bytes()?);
+        let login = [(eb::REGISTRY_USER.to_string(), password.clone())];
+        eb::set_mosquitto_passwords(&password_file, &login)?;
+        let r = args.registry_listen;
+        emit(&format!(
+            "wrote {} and the registry's login into {}; registries connect with \
+             --broker mqtt://{}:{password}@{}",
+            acl_file.display(),
+            password_file.display(),
+            eb::REGISTRY_USER,
+            // A registry on this machine reaches an any-address listener on loopback.
+            if r.ip().is_unspecified() {
+                SocketAddr::new([127, 0, 0, 1].into(), r.port())
+            } else {
+                r
+            }
+        ));
+        o.access = Some(eb::MosquittoAccess {
+            password_file: std::path::absolute(&password_file)?,
+            acl_file: std::path::absolute(&acl_file)?,
+            registry_bind: r.ip().to_string(),
+            registry_port: r.port(),
+        });
+    }
     let text = wpm_registry::external_broker::mosquitto_conf(&o);
     match args.out {
         Some(path) => {

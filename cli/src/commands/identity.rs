@@ -33,7 +33,41 @@ pub struct AddArgs {
     pub out: Option<PathBuf>,
 
     #[command(flatten)]
+    pub broker: BrokerLoginArgs,
+
+    #[command(flatten)]
     pub conn: crate::ConnArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BrokerLoginArgs {
+    /// Also let the device log in to a locked-down Mosquitto: add its login to this
+    /// password file (see `wpm broker config --mosquitto --password-file`); send the
+    /// broker SIGHUP to read it again
+    #[arg(long, value_name = "FILE")]
+    pub mosquitto_passwd: Option<PathBuf>,
+}
+
+impl BrokerLoginArgs {
+    /// Adds the devices' broker logins to the password file, if one was named. Only
+    /// possible here, where the private keys are: the login is signed with them.
+    fn write(&self, records: &[Provisioning]) -> Result<()> {
+        let Some(file) = &self.mosquitto_passwd else {
+            return Ok(());
+        };
+        let logins = records
+            .iter()
+            .map(|r| {
+                let seed: [u8; 32] = (hex::decode(&r.device_key).ok())
+                    .and_then(|s| s.try_into().ok())
+                    .context("a provisioning record's device key is not 32 hex bytes")?;
+                let key = KeyPair::from_seed(&seed);
+                let password = wpm_manifests::report::login_password(&key, &r.device_id);
+                Ok((r.device_id.clone(), password))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        wpm_registry::external_broker::set_mosquitto_passwords(file, &logins)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -46,6 +80,9 @@ pub struct ImportArgs {
     /// Directory for the provisioning records, one `<id>.json` per device
     #[arg(long, value_name = "DIR")]
     pub out_dir: PathBuf,
+
+    #[command(flatten)]
+    pub broker: BrokerLoginArgs,
 
     #[command(flatten)]
     pub conn: crate::ConnArgs,
@@ -160,6 +197,7 @@ pub async fn add(global: &GlobalArgs, args: AddArgs) -> Result<()> {
     let mut record = new_identity(&args.device, &args.groups, &client.public_key().await?)?;
     let answer = register(&client, std::slice::from_ref(&record)).await?;
     set_floors(std::slice::from_mut(&mut record), &answer);
+    args.broker.write(std::slice::from_ref(&record))?;
     match &args.out {
         Some(path) => {
             write_record(path, &record)?;
@@ -232,6 +270,7 @@ pub async fn import(global: &GlobalArgs, args: ImportArgs) -> Result<()> {
     for r in &records {
         write_record(&args.out_dir.join(format!("{}.json", r.device_id)), r)?;
     }
+    args.broker.write(&records)?;
     if global.json {
         emit_json(&answer);
     } else {
