@@ -24,8 +24,9 @@ pub struct ServeArgs {
     /// 1884 so a system Mosquitto on 1883 does not get in the way.
     #[arg(long, default_value = "127.0.0.1:1884")]
     pub mqtt_listen: SocketAddr,
-    /// Use this external MQTT broker (mqtt://host:port) instead of the embedded one.
-    #[arg(long)]
+    /// Use this external MQTT broker (mqtt://host:port, or mqtt://USER:PASSWORD@host:port
+    /// for a locked-down one) instead of the embedded one.
+    #[arg(long, env = "WPM_REGISTRY_BROKER", hide_env_values = true)]
     pub broker: Option<String>,
     /// sqlite://path or postgres://... (default: sqlite file `registry.db` in the data dir).
     #[arg(long)]
@@ -61,7 +62,8 @@ pub struct Config {
     pub http: SocketAddr,
     /// Where the embedded broker listens (port 0: any free port). Unused with `broker`.
     pub mqtt_listen: SocketAddr,
-    /// External broker URL (`mqtt://host:port`); `None` runs the embedded broker.
+    /// External broker URL (`mqtt://[user:password@]host:port`); `None` runs the
+    /// embedded broker.
     pub broker: Option<String>,
     /// Database URL; `None` is `sqlite://DATA_DIR/registry.db`.
     pub database: Option<String>,
