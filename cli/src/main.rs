@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use clap::{ArgAction, Args, Parser, Subcommand};
 
 use crate::commands::{
-    bench, broker, command, demo, deploy, fleet, identity, publish, rollout, sim,
+    bench, broker, command, demo, deploy, fleet, identity, publish, rollout, sim, token,
 };
 
 const EXAMPLES: &str = "\
@@ -138,6 +138,10 @@ enum Command {
     #[command(subcommand)]
     Rollout(rollout::RolloutCommand),
 
+    /// Scoped API tokens (read, publish, deploy, admin), kept hashed by the registry
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+
     /// Measure a rollout to simulated devices against the raw broker fan-out
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -197,8 +201,8 @@ enum DeviceCommand {
     Import(identity::ImportArgs),
     /// The registered devices and whether they are revoked
     List(fleet::ListArgs),
-    /// Mark a device revoked (a stolen or retired device). Ingest does not check
-    /// identities yet: see docs/security.md
+    /// Mark a device revoked (a stolen or retired device): everything it reports is
+    /// dropped from then on, and the embedded broker no longer lets it log in
     Revoke(identity::IdArgs),
     /// Forget a device: its identity and everything the registry holds about it
     Remove(identity::IdArgs),
@@ -304,6 +308,7 @@ impl Command {
                 | DeviceCommand::Evict(a),
             ) => &mut a.conn,
             Command::Rollout(r) => r.conn_mut(),
+            Command::Token(t) => t.conn_mut(),
             Command::Sim(a) => &mut a.conn,
             Command::Bench(_) | Command::Registry(_) | Command::Broker(_) | Command::Demo(_) => {
                 return None
@@ -334,6 +339,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
         Command::Device(DeviceCommand::Unpin(args)) => command::run(g, "unpin", args).await,
         Command::Device(DeviceCommand::Evict(args)) => command::run(g, "evict", args).await,
         Command::Rollout(cmd) => rollout::run(g, cmd).await,
+        Command::Token(cmd) => token::run(g, cmd).await,
         Command::Bench(cmd) => bench::run(g, cmd).await,
         Command::Registry(RegistryCommand::Serve(args)) => wpm_registry::serve(args).await,
         Command::Broker(BrokerCommand::Config(args)) => broker::config(args),

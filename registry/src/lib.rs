@@ -15,6 +15,7 @@ pub mod http;
 pub mod ingest;
 pub mod keys;
 pub mod publish;
+pub mod retained_guard;
 pub mod rollout;
 
 pub use config::{Config, ServeArgs};
@@ -155,7 +156,14 @@ impl Registry {
             last_full_pass_ms: Default::default(),
             counts: Default::default(),
         });
+        let guard_stats = Arc::new(retained_guard::GuardStats::default());
         let background = vec![
+            tokio::spawn(retained_guard::run(
+                settings.clone(),
+                deployer.clone(),
+                guard_stats.clone(),
+                stop_rx.clone(),
+            )),
             tokio::spawn(deploy::republish_on_reconnect(
                 deployer.clone(),
                 stop_rx.clone(),
@@ -170,6 +178,7 @@ impl Registry {
             stats,
             wake_controller,
             broker_stats,
+            retained: guard_stats,
             chunk_size: config.chunk_size,
             max_module_size: config.max_module_size,
         });

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Mutex};
@@ -93,6 +93,12 @@ pub async fn wait_connected(
     Ok(())
 }
 
+#[derive(Default)]
+struct Retained {
+    topics: HashMap<String, [u8; 32]>,
+    modules: HashMap<[u8; 32], ModuleRow>,
+}
+
 /// The registry's publishing connection.
 pub struct Publisher {
     client: AsyncClient,
@@ -100,6 +106,9 @@ pub struct Publisher {
     /// Modules whose chunks and manifest this process has already published: the broker
     /// retains them, so a later deployment of the same bytes need not send them again.
     published: Mutex<HashSet<[u8; 32]>>,
+    /// What this process last retained on each topic (the sha256 of the payload), and
+    /// the modules it published by digest: what [`crate::retained_guard`] puts back.
+    retained: std::sync::Mutex<Retained>,
     /// Flips to true at every ConnAck: a broker that restarted without persistence has
     /// lost every retained message, so each reconnect means publishing everything again.
     connected: watch::Receiver<bool>,
@@ -120,6 +129,7 @@ impl Publisher {
             client,
             key,
             published: Mutex::new(HashSet::new()),
+            retained: Default::default(),
             connected: rx,
             task,
         })
@@ -141,7 +151,30 @@ impl Publisher {
     }
 
     async fn publish(&self, topic: String, payload: Vec<u8>) -> anyhow::Result<()> {
+        self.retained()
+            .topics
+            .insert(topic.clone(), sha256(&payload));
         self.publish_with(topic, payload, true).await
+    }
+
+    fn retained(&self) -> std::sync::MutexGuard<'_, Retained> {
+        self.retained.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The sha256 of what this process last retained on `topic`, if it did.
+    pub fn retained_hash(&self, topic: &str) -> Option<[u8; 32]> {
+        self.retained().topics.get(topic).copied()
+    }
+
+    /// A module this process published, by digest.
+    pub fn published_module(&self, sha256: &[u8; 32]) -> Option<ModuleRow> {
+        self.retained().modules.get(sha256).cloned()
+    }
+
+    /// Publishes a module again, whether or not this process did already.
+    pub async fn republish_module(&self, module: &ModuleRow, wasm: &[u8]) -> anyhow::Result<()> {
+        self.published.lock().await.remove(&module.sha256);
+        self.publish_module(module, wasm).await
     }
 
     async fn publish_with(
@@ -198,6 +231,7 @@ impl Publisher {
         )
         .await?;
         published.insert(module.sha256);
+        (self.retained().modules).insert(module.sha256, module.clone());
         tracing::info!(
             module = %module.name, version = %module.version,
             chunks = module.chunk_count(), "published module"

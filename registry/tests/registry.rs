@@ -223,6 +223,7 @@ async fn sqlite_embedded_broker() {
     check_sequence_floors(&reg).await;
     check_ingest(&reg).await;
     check_broker_gate(&reg).await;
+    check_scoped_tokens(&reg).await;
     reg.shutdown().await.unwrap();
 }
 
@@ -270,6 +271,7 @@ async fn postgres_mosquitto() {
     check_device_identities(&reg).await;
     check_deploy_publishes(&reg).await;
     check_ingest(&reg).await;
+    check_scoped_tokens(&reg).await;
     reg.shutdown().await.unwrap();
     pg.drop().await;
 }

@@ -10,6 +10,7 @@ pub mod identity;
 pub mod publish;
 pub mod rollout;
 pub mod sim;
+pub mod token;
 
 use anyhow::{bail, Result};
 

@@ -17,6 +17,7 @@ mod devices;
 mod identities;
 mod modules;
 mod rollouts;
+mod tokens;
 
 pub use deployments::{DeploymentRow, DesiredChange};
 pub use devices::{
@@ -25,6 +26,7 @@ pub use devices::{
 };
 pub use identities::{Identity, NewIdentity, Standing};
 pub use modules::{InsertOutcome, ModuleRow};
+pub use tokens::TokenRow;
 
 use anyhow::Context as _;
 use sqlx::any::AnyPoolOptions;

@@ -3,16 +3,17 @@
 
 mod identities;
 mod rollouts;
+mod tokens;
 
 use crate::db::{self, Db, DesiredChange, InsertOutcome, ModuleRow};
 use crate::deploy::Deployer;
 use crate::ingest::IngestStats;
-use crate::keys;
+
 use crate::rollout::{self, NewRollout, RolloutState};
 use axum::extract::rejection::{BytesRejection, JsonRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{header, StatusCode};
-use axum::middleware::Next;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -35,6 +36,8 @@ pub struct AppState {
     pub wake_controller: Arc<tokio::sync::Notify>,
     /// Counters of the embedded broker, when the registry runs one.
     pub broker_stats: Option<Arc<wpm_broker::BrokerStats>>,
+    /// Repairs of what the registry retains on the broker.
+    pub retained: Arc<crate::retained_guard::GuardStats>,
     pub chunk_size: u32,
     pub max_module_size: usize,
 }
@@ -107,7 +110,12 @@ pub fn router(state: Shared) -> Router {
         )
         .route("/v1/rollouts/{id}", get(rollouts::get_rollout))
         .route("/v1/rollouts/{id}/{action}", post(rollouts::rollout_action))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+        .route("/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/v1/tokens/{id}/revoke", post(tokens::revoke))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            tokens::auth,
+        ));
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/keys", get(public_keys))
@@ -117,20 +125,6 @@ pub fn router(state: Shared) -> Router {
         // keeps a client from streaming unbounded bodies into memory.
         .layer(DefaultBodyLimit::max(state.max_module_size + 1))
         .with_state(state)
-}
-
-async fn auth(State(state): State<Shared>, req: Request, next: Next) -> Response {
-    let ok = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| keys::constant_time_eq(t.trim().as_bytes(), state.token.as_bytes()));
-    if !ok {
-        return ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong API token")
-            .into_response();
-    }
-    next.run(req).await
 }
 
 async fn health(State(state): State<Shared>) -> Json<Value> {
@@ -172,6 +166,9 @@ async fn health(State(state): State<Shared>) -> Json<Value> {
             "write_retries": s.write_retries.load(Ordering::Relaxed),
         },
         "broker": broker,
+        "retained": {
+            "repaired": state.retained.repaired.load(Ordering::Relaxed),
+        },
     }))
 }
 

@@ -95,6 +95,7 @@ pub fn pg_mosquitto_config(dir: &std::path::Path, pg: &PgSchema) -> Config {
 }
 
 /// HTTP client bound to one registry.
+#[derive(Clone)]
 pub struct Api {
     pub base: String,
     pub token: String,

@@ -1,6 +1,10 @@
 //! Device identities and what the fleet says: registration, sequence floors, the
-//! registry's checks of sealed reports, and the embedded broker's gate. Run against each
+//! registry's checks of sealed reports, the embedded broker's gate, and scoped API tokens. Run against each
 //! backend by `registry.rs`.
+
+mod tokens;
+
+pub use tokens::check_scoped_tokens;
 
 use super::WAIT;
 use crate::common::*;
