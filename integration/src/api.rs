@@ -205,6 +205,21 @@ impl Api {
         Ok(v.as_array().cloned().unwrap_or_default())
     }
 
+    /// Publishes the example hello 1.0.0, deploys it to `group` and waits until every one
+    /// of `devices` runs it: where most scenarios begin.
+    pub async fn install_hello(
+        &self,
+        group: &str,
+        devices: &[String],
+        timeout: Duration,
+    ) -> Result<()> {
+        self.publish("hello", "1.0.0", example("hello/v1.wat"))
+            .await?
+            .ok()?;
+        self.deploy("hello", "1.0.0", group).await?.ok()?;
+        self.wait_running(devices, "hello", "1.0.0", timeout).await
+    }
+
     /// The version of `module` each of `devices` reports running, once all of them run
     /// `version`.
     pub async fn wait_running(

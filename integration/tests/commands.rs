@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 use std::time::Duration;
-use wpm_integration::{example, unique, wait_for, Api, Backend, Env};
+use wpm_integration::{unique, wait_for, Api, Backend, Env};
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
@@ -48,12 +48,7 @@ async fn stop_and_start(backend: Backend) -> anyhow::Result<()> {
     let fleet = env.api.start_fleet(env.fleet_config(1, &group)).await?;
     let device = fleet.device_ids()[0].clone();
     env.api
-        .publish("hello", "1.0.0", example("hello/v1.wat"))
-        .await?
-        .ok()?;
-    env.api.deploy("hello", "1.0.0", &group).await?.ok()?;
-    env.api
-        .wait_running(std::slice::from_ref(&device), "hello", "1.0.0", CONVERGE)
+        .install_hello(&group, std::slice::from_ref(&device), CONVERGE)
         .await?;
 
     let answer = command(&env.api, &device, "stop", "hello").await?;

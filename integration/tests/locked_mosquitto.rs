@@ -6,9 +6,7 @@
 use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS};
 use std::process::Command;
 use std::time::Duration;
-use wpm_integration::{
-    cli_binary, example, free_port, unique, Api, Backend, Env, Mqtt, OwnMosquitto,
-};
+use wpm_integration::{cli_binary, free_port, unique, Api, Backend, Env, Mqtt, OwnMosquitto};
 use wpm_manifests::report::login_password;
 use wpm_manifests::KeyPair;
 
@@ -127,14 +125,7 @@ async fn a_locked_down_mosquitto_serves_the_fleet_and_holds_each_client_to_its_o
     let group = config.groups[0].clone();
     let fleet = env.api.start_fleet(config.clone()).await?;
     let devices = fleet.device_ids().to_vec();
-    env.api
-        .publish("hello", "1.0.0", example("hello/v1.wat"))
-        .await?
-        .ok()?;
-    env.api.deploy("hello", "1.0.0", &group).await?.ok()?;
-    env.api
-        .wait_running(&devices, "hello", "1.0.0", CONVERGE)
-        .await?;
+    env.api.install_hello(&group, &devices, CONVERGE).await?;
 
     // Nobody gets in without a login, with another's password, or on the registry's
     // listener as a device.

@@ -231,6 +231,9 @@ mod tests {
         ] {
             assert!(device_may_publish("d1", &t.render()), "{t:?}");
             assert!(!device_may_publish("d2", &t.render()), "{t:?}");
+            assert!(matches_any(&DEVICE_PUBLISHES, "d1", &t.render()), "{t:?}");
+            assert!(!matches_any(&DEVICE_PUBLISHES, "d2", &t.render()), "{t:?}");
+            assert!(!matches_any(&DEVICE_RECEIVES, "d1", &t.render()), "{t:?}");
         }
         for t in [
             Topic::Command("d1"),
@@ -263,42 +266,9 @@ mod tests {
     }
 
     #[test]
-    fn the_acl_patterns_say_what_the_rules_say() {
+    fn the_acl_patterns_are_under_the_prefix() {
         for p in DEVICE_PUBLISHES.iter().chain(&DEVICE_RECEIVES) {
             assert!(p.starts_with(PREFIX), "{p}");
-        }
-        let h = [0xab; 32];
-        let reports = [
-            Topic::Status("d1"),
-            Topic::Presence("d1"),
-            Topic::Events("d1"),
-            Topic::Telemetry("d1", "m"),
-        ];
-        let receives = [
-            Topic::Deployment(&Target::Fleet),
-            Topic::Deployment(&Target::Group("eu".into())),
-            Topic::Deployment(&Target::Device("d1".into())),
-            Topic::Command("d1"),
-            Topic::ModuleManifest(&h),
-            Topic::Chunk(&h, 7),
-        ];
-        for t in reports.iter().map(Topic::render) {
-            assert!(matches_any(&DEVICE_PUBLISHES, "d1", &t), "{t}");
-            assert!(!matches_any(&DEVICE_PUBLISHES, "d2", &t), "{t}");
-            assert!(!matches_any(&DEVICE_RECEIVES, "d1", &t), "{t}");
-        }
-        for t in receives.iter().map(Topic::render) {
-            assert!(device_may_subscribe("d1", &t), "{t}");
-            assert!(matches_any(&DEVICE_RECEIVES, "d1", &t), "{t}");
-            assert!(!matches_any(&DEVICE_PUBLISHES, "d1", &t), "{t}");
-        }
-        for t in [
-            Topic::Deployment(&Target::Device("d2".into())).render(),
-            Topic::Command("d2").render(),
-            "wpm/v1/deploy/group/eu/x".into(),
-        ] {
-            assert!(!device_may_subscribe("d1", &t), "{t}");
-            assert!(!matches_any(&DEVICE_RECEIVES, "d1", &t), "{t}");
         }
     }
 
@@ -314,6 +284,7 @@ mod tests {
             Topic::Chunk(&h, 7),
         ] {
             assert!(device_may_subscribe("d1", &t.render()), "{t:?}");
+            assert!(matches_any(&DEVICE_RECEIVES, "d1", &t.render()), "{t:?}");
         }
         for f in [
             Topic::Deployment(&Target::Device("d2".into())).render(),
@@ -326,6 +297,11 @@ mod tests {
             "wpm/v1/deploy/group/eu/x".into(),
         ] {
             assert!(!device_may_subscribe("d1", &f), "{f}");
+            // A broker's ACL refuses the same, wildcards aside (it matches those itself).
+            assert!(
+                f.contains(['+', '#']) || !matches_any(&DEVICE_RECEIVES, "d1", &f),
+                "{f}"
+            );
         }
     }
 }
