@@ -168,6 +168,18 @@ pub const DEVICE_RECEIVES: [&str; 6] = [
     "wpm/v1/module/+/chunk/+",
 ];
 
+/// Parses `wpm/v1/deploy/...` topics back into their target; `None` for anything else.
+pub fn parse_deployment_topic(topic: &str) -> Option<Target> {
+    let rest = topic.strip_prefix(PREFIX)?.strip_prefix("/deploy/")?;
+    let single = |s: &str| (!s.is_empty() && !s.contains('/')).then(|| String::from(s));
+    match rest.split_once('/') {
+        None if rest == "fleet" => Some(Target::Fleet),
+        Some(("group", g)) => single(g).map(Target::Group),
+        Some(("device", d)) => single(d).map(Target::Device),
+        _ => None,
+    }
+}
+
 /// A module-side topic, parsed back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModuleTopic {
@@ -218,6 +230,23 @@ mod tests {
             Topic::Deployment(&Target::Group("eu".into())).render(),
             "wpm/v1/deploy/group/eu"
         );
+        for t in [
+            Target::Fleet,
+            Target::Group("eu".into()),
+            Target::Device("d1".into()),
+        ] {
+            assert_eq!(
+                parse_deployment_topic(&Topic::Deployment(&t).render()),
+                Some(t)
+            );
+        }
+        for t in [
+            "wpm/v1/deploy/group/",
+            "wpm/v1/deploy/group/a/b",
+            "wpm/v1/deploy/x",
+        ] {
+            assert_eq!(parse_deployment_topic(t), None, "{t}");
+        }
     }
 
     #[test]

@@ -26,8 +26,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
-use wpm_manifests::topic::{parse_module_topic, ModuleTopic, PREFIX};
-use wpm_manifests::{sha256, Topic};
+use wpm_manifests::sha256;
+use wpm_manifests::topic::{parse_deployment_topic, parse_module_topic, ModuleTopic, PREFIX};
 
 /// Repairs of retained state, for `/v1/health`.
 #[derive(Debug, Default)]
@@ -57,10 +57,9 @@ fn judge(topic: &str, seen: [u8; 32], ours: Option<[u8; 32]>) -> Option<Damage> 
         // Not one of ours: nobody installs from it.
         return ours.map(|_| Damage::Module(digest));
     }
-    let empty = sha256(&[]);
-    let deployment = topic.strip_prefix(PREFIX)?.starts_with("/deploy/");
+    parse_deployment_topic(topic)?;
     // Nothing of ours and nothing there: fine. Otherwise the database says what belongs.
-    (deployment && !(ours.is_none() && seen == empty)).then(|| Damage::Deployment(topic.into()))
+    (ours.is_some() || seen != sha256(&[])).then(|| Damage::Deployment(topic.into()))
 }
 
 /// Watches and repairs until `stop` flips.
@@ -141,12 +140,12 @@ async fn repair(deployer: &Deployer, damage: &Damage, seen: [u8; 32]) -> anyhow:
             Ok(true)
         }
         Damage::Deployment(topic) => {
+            let Some(target) = parse_deployment_topic(topic) else {
+                return Ok(false);
+            };
             // Under the deploy lock: a deployment made meanwhile is not overwritten.
             let _guard = deployer.lock.lock().await;
-            let latest = (deployer.db.latest_deployments().await?)
-                .into_iter()
-                .find(|d| Topic::Deployment(&d.target).render() == *topic);
-            match latest {
+            match deployer.db.latest_deployment(&target).await? {
                 Some(d) if sha256(&d.sealed) == seen => Ok(false),
                 Some(d) => {
                     tracing::warn!(topic, "something else was retained on a deployment topic; publishing the newest deployment again");

@@ -263,6 +263,25 @@ impl Db {
         rows.iter().map(deployment_from_row).collect()
     }
 
+    /// The newest deployment of one target, unless retired: what the broker must hold
+    /// retained on its topic.
+    pub async fn latest_deployment(
+        &self,
+        target: &Target,
+    ) -> anyhow::Result<Option<DeploymentRow>> {
+        let (kind, name) = target_columns(target);
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE target_kind = $1 \
+             AND target_name = $2 AND sequence = (SELECT MAX(sequence) FROM deployments \
+             WHERE target_kind = $1 AND target_name = $2 AND retired = 0)"
+        )))
+        .bind(kind)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(deployment_from_row).transpose()
+    }
+
     /// The newest sequence of one target, if any.
     pub async fn latest_sequence(&self, target: &Target) -> anyhow::Result<Option<u64>> {
         let (kind, name) = target_columns(target);
