@@ -62,6 +62,27 @@ fn judge(topic: &str, seen: [u8; 32], ours: Option<[u8; 32]>) -> Option<Damage> 
     (ours.is_some() || seen != sha256(&[])).then(|| Damage::Deployment(topic.into()))
 }
 
+/// Damage waiting for the next repair pass, each with the hash last seen there. Pure.
+#[derive(Debug, Default)]
+struct Pending(HashMap<Damage, [u8; 32]>);
+
+impl Pending {
+    /// Takes in one message: `seen` on `topic`, where this process retained `ours`.
+    fn observe(&mut self, topic: &str, seen: [u8; 32], ours: Option<[u8; 32]>) {
+        match judge(topic, seen, ours) {
+            Some(d) => {
+                self.0.insert(d, seen);
+            }
+            // Messages from this process's publisher arrive in the order it sent them:
+            // an older deployment seen just before its successor is no damage once the
+            // successor arrives.
+            None => {
+                self.0.remove(&Damage::Deployment(topic.into()));
+            }
+        }
+    }
+}
+
 /// Watches and repairs until `stop` flips.
 pub async fn run(
     settings: MqttSettings,
@@ -91,8 +112,7 @@ pub async fn run(
             _ => {}
         },
     ));
-    // Damage waiting for the next repair pass, with the hash last seen there.
-    let mut damaged: HashMap<Damage, [u8; 32]> = HashMap::new();
+    let mut damaged = Pending::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut stop_rx = stop;
     loop {
@@ -100,12 +120,10 @@ pub async fn run(
             _ = stop_rx.changed() => break,
             m = rx.recv() => {
                 let Some((topic, seen)) = m else { break };
-                if let Some(d) = judge(&topic, seen, deployer.publisher.retained_hash(&topic)) {
-                    damaged.insert(d, seen);
-                }
+                damaged.observe(&topic, seen, deployer.publisher.retained_hash(&topic));
             }
             _ = tick.tick() => {
-                for (d, seen) in std::mem::take(&mut damaged) {
+                for (d, seen) in std::mem::take(&mut damaged.0) {
                     match repair(&deployer, &d, seen).await {
                         Ok(true) => {
                             stats.repaired.fetch_add(1, Ordering::Relaxed);
@@ -113,7 +131,7 @@ pub async fn run(
                         Ok(false) => {}
                         Err(e) => {
                             tracing::error!(error = format!("{e:#}"), damage = ?d, "cannot repair retained state");
-                            damaged.insert(d, seen);
+                            damaged.0.insert(d, seen);
                         }
                     }
                 }
@@ -200,5 +218,19 @@ mod tests {
         assert_eq!(judge(group, empty, None), None);
         // Reports and commands are not retained state of the registry's.
         assert_eq!(judge("wpm/v1/device/d1/status", other, None), None);
+    }
+
+    #[test]
+    fn a_deployment_overtaken_by_its_successor_is_no_damage() {
+        let (v1, v2, garbage) = ([1; 32], [2; 32], [3; 32]);
+        let group = "wpm/v1/deploy/group/eu";
+        let mut p = Pending::default();
+        // v1 and v2 published back to back: v1 arrives when v2 is already ours.
+        p.observe(group, v1, Some(v2));
+        p.observe(group, v2, Some(v2));
+        assert!(p.0.is_empty(), "{p:?}");
+        // Garbage after ours stays damage.
+        p.observe(group, garbage, Some(v2));
+        assert_eq!(p.0.get(&Damage::Deployment(group.into())), Some(&garbage));
     }
 }
