@@ -211,6 +211,29 @@ async fn a_locked_down_mosquitto_serves_the_fleet_and_holds_each_client_to_its_o
             .contains("not_a_sealed_report"),
         "{health}"
     );
+
+    // Revoked with `--mosquitto-passwd`: the broker no longer lets the device in.
+    let d2 = &devices[2];
+    let d2_password = logins[2].1.as_str();
+    assert!(accepted(port, d2, Some((d2, d2_password))).await);
+    let out = Command::new(cli_binary()?)
+        .args(["device", "revoke", d2, "--mosquitto-passwd"])
+        .arg(&passwd)
+        .args([
+            "--registry",
+            &env.registry.http_url(),
+            "--token",
+            env.registry.token(),
+        ])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    broker.reload()?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!accepted(port, d2, Some((d2, d2_password))).await);
     fleet.stop().await?;
     Ok(())
 }

@@ -193,24 +193,42 @@ pub fn set_mosquitto_passwords(
     file: &std::path::Path,
     logins: &[(String, String)],
 ) -> anyhow::Result<()> {
+    let users: Vec<&str> = logins.iter().map(|(u, _)| u.as_str()).collect();
+    rewrite_password_file(file, &users, logins)
+}
+
+/// Removes users' lines from a Mosquitto password file (a revoked or removed device);
+/// the broker forgets them on SIGHUP.
+///
+/// # Errors
+/// When the file cannot be read or written.
+pub fn remove_mosquitto_users(file: &std::path::Path, users: &[&str]) -> anyhow::Result<()> {
+    rewrite_password_file(file, users, &[])
+}
+
+/// The file without the lines of `drop`, then `add`'s lines, written whole or not at all,
+/// keeping the file's mode (Mosquitto's user must read it).
+fn rewrite_password_file(
+    file: &std::path::Path,
+    drop: &[&str],
+    add: &[(String, String)],
+) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let old = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
     };
-    let replaced: std::collections::HashSet<&str> =
-        logins.iter().map(|(u, _)| u.as_str()).collect();
+    let drop: std::collections::HashSet<&str> = drop.iter().copied().collect();
     let mut text: String = (old.lines())
-        .filter(|l| l.split_once(':').is_none_or(|(u, _)| !replaced.contains(u)))
+        .filter(|l| l.split_once(':').is_none_or(|(u, _)| !drop.contains(u)))
         .flat_map(|l| [l, "\n"])
         .collect();
-    for (user, password) in logins {
+    for (user, password) in add {
         let salt: [u8; 12] = crate::keys::random_bytes()?[..12].try_into()?;
         text.push_str(&mosquitto_password_line(user, password, salt));
         text.push('\n');
     }
-    // Whole or not at all, keeping the file's mode (Mosquitto's user must read it).
     let tmp = file.with_extension("wpm-new");
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     #[cfg(unix)]
@@ -244,5 +262,18 @@ mod tests {
         let salt: [u8; 12] = B64.decode("P/Bzr5zPLx0Wofo7").unwrap().try_into().unwrap();
         let ours = mosquitto_password_line("dev-1", "s3cret", salt);
         assert_eq!(ours, line);
+    }
+
+    #[test]
+    fn logins_are_added_replaced_and_removed_line_by_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("passwd");
+        let login = |u: &str, p: &str| (u.to_string(), p.to_string());
+        set_mosquitto_passwords(&file, &[login("a", "1"), login("b", "2")]).unwrap();
+        set_mosquitto_passwords(&file, &[login("a", "3")]).unwrap();
+        remove_mosquitto_users(&file, &["b"]).unwrap();
+        let text = std::fs::read_to_string(&file).unwrap();
+        let users: Vec<&str> = text.lines().filter_map(|l| l.split(':').next()).collect();
+        assert_eq!(users, ["a"]);
     }
 }

@@ -94,8 +94,24 @@ pub struct IdArgs {
     #[arg(value_name = "DEVICE")]
     pub device: String,
 
+    /// Also take the device's login out of this Mosquitto password file (send the
+    /// broker SIGHUP to read it again)
+    #[arg(long, value_name = "FILE")]
+    pub mosquitto_passwd: Option<PathBuf>,
+
     #[command(flatten)]
     pub conn: crate::ConnArgs,
+}
+
+impl IdArgs {
+    fn remove_broker_login(&self) -> Result<()> {
+        match &self.mosquitto_passwd {
+            Some(file) => {
+                wpm_registry::external_broker::remove_mosquitto_users(file, &[&self.device])
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 /// What a device needs to speak for itself and to trust the registry: the provisioning
@@ -325,6 +341,7 @@ pub async fn revoke(global: &GlobalArgs, args: IdArgs) -> Result<()> {
     let answer = client
         .post_json(&format!("/v1/devices/{}/revoke", args.device), &json!({}))
         .await?;
+    args.remove_broker_login()?;
     if global.json {
         emit_json(&answer);
     } else {
@@ -339,6 +356,7 @@ pub async fn remove(global: &GlobalArgs, args: IdArgs) -> Result<()> {
     client
         .delete(&format!("/v1/devices/{}", args.device))
         .await?;
+    args.remove_broker_login()?;
     if global.json {
         emit_json(&json!({"id": args.device, "removed": true}));
     } else {
