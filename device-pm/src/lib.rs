@@ -190,7 +190,13 @@ pub struct Device<F> {
     now_ms: u64,
     next_turn_ms: u64,
     next_status_ms: u64,
+    /// Something happened that may have changed the status.
     status_dirty: bool,
+    /// sha256 of the last status published, its clock left out: a status that would
+    /// say nothing new (after a download-progress event, say) is not sent again, as
+    /// every byte over the air costs. `None` forces the next one out (a new
+    /// connection, the periodic republish).
+    published_status: Option<[u8; 32]>,
 }
 
 fn describe(target: &Target) -> String {
@@ -255,6 +261,7 @@ impl<F: NorFlash> Device<F> {
             link_up: false,
             now_ms,
             status_dirty: false,
+            published_status: None,
         };
         device.reconcile();
         Ok(device)
@@ -470,10 +477,17 @@ impl<F: NorFlash> Device<F> {
     }
 
     fn publish_status(&mut self) {
-        let status = ReportBody::Status(self.status());
-        let topic = Topic::Status(&self.config.device_id).render();
-        self.report(topic, status, true);
         self.status_dirty = false;
+        let mut status = self.status();
+        let at_ms = core::mem::take(&mut status.at_ms);
+        let digest = wpm_manifests::sha256(&wpm_manifests::encode(&status));
+        if self.published_status == Some(digest) {
+            return;
+        }
+        status.at_ms = at_ms;
+        let topic = Topic::Status(&self.config.device_id).render();
+        self.report(topic, ReportBody::Status(status), true);
+        self.published_status = Some(digest);
         self.next_status_ms = self.now_ms + self.config.tuning.status_interval_ms;
     }
 
@@ -515,6 +529,7 @@ impl<F: NorFlash> Device<F> {
         let presence = Topic::Presence(&self.config.device_id).render();
         self.report(presence, self.reporter.online(), true);
         self.status_dirty = true;
+        self.published_status = None;
         if let Some(d) = &mut self.download {
             d.link_lost();
             if d.manifest.is_none() {
@@ -552,6 +567,7 @@ impl<F: NorFlash> Device<F> {
         }
         if self.link_up && now >= self.next_status_ms {
             self.status_dirty = true;
+            self.published_status = None;
         }
         if let Some(d) = &mut self.download {
             let digest = d.module.sha256;

@@ -136,6 +136,40 @@ fn status_is_republished_periodically_and_not_while_offline() {
 }
 
 #[test]
+fn a_slow_download_reports_progress_without_repeating_its_status() {
+    let mut w = World::new();
+    let wasm = wasm("v1", 0, "");
+    let m = w.publish_module_partly("hello", "1.0.0", &wasm, Some(1));
+    let sha: [u8; 32] = *m.sha256;
+    w.deploy(vec![m]);
+    let status_topic = Topic::Status(DEVICE).render();
+    let statuses = |w: &World| {
+        (w.sent.iter())
+            .filter(|o| matches!(o, Output::Publish { topic, retain: true, .. } if *topic == status_topic))
+            .count()
+    };
+    w.clear_sent();
+    // One chunk every 6 s: progress every 10 s, the status ("downloading") unchanged.
+    let chunks: Vec<&[u8]> = wasm.chunks(CHUNK_SIZE as usize).collect();
+    for (i, data) in chunks.iter().enumerate().skip(1).take(chunks.len() - 2) {
+        w.advance(6_000);
+        w.publish_chunk(&sha, i as u32, data);
+    }
+    let progress = (w.events().iter())
+        .filter(|e| matches!(e, EventKind::DownloadProgress { .. }))
+        .count();
+    assert!(progress >= 1, "the test wants progress events");
+    assert_eq!(statuses(&w), 0, "a status that says nothing new was sent");
+    // The last chunk changes the status: sent once.
+    w.publish_chunk(&sha, chunks.len() as u32 - 1, chunks[chunks.len() - 1]);
+    assert_eq!(statuses(&w), 1);
+    assert_eq!(
+        w.modules(),
+        vec![module_state("hello", "1.0.0", "verifying")]
+    );
+}
+
+#[test]
 fn upgrades_v1_to_v2_and_frees_v1() {
     let (mut w, _) = running_v1();
     let v2 = w.publish_module("hello", "2.0.0", &wasm("v2", 0, ""));
