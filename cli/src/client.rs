@@ -1,6 +1,7 @@
 //! Typed client for the registry HTTP API (docs/interfaces.md). Every call turns transport
 //! failures and the registry's `{"error": ...}` answers into messages an operator can act on.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
@@ -152,16 +153,29 @@ pub struct DeviceEvent {
 
 impl Client {
     pub fn new(settings: &Settings) -> Result<Client> {
-        Client::with(&settings.registry, settings.token.clone())
+        Client::with_ca(
+            &settings.registry,
+            settings.token.clone(),
+            settings.ca_file.as_deref(),
+        )
     }
 
     pub fn with(base: &str, token: Option<String>) -> Result<Client> {
-        let http = reqwest::Client::builder()
+        Client::with_ca(base, token, None)
+    }
+
+    /// A client of the registry at `base`; an `https://` one's certificate must chain
+    /// to `ca` (PEM), or to the system's roots when `ca` is `None`.
+    pub fn with_ca(base: &str, token: Option<String>, ca: Option<&Path>) -> Result<Client> {
+        let mut http = reqwest::Client::builder()
             .user_agent(concat!("wpm/", env!("CARGO_PKG_VERSION")))
             // A dead registry should fail fast; a slow upload over a poor link should not.
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .context("cannot set up the HTTP client")?;
+            .connect_timeout(Duration::from_secs(10));
+        if base.starts_with("https://") {
+            let tls = wpm_transport::client_config(ca)?;
+            http = http.tls_backend_preconfigured((*tls).clone());
+        }
+        let http = http.build().context("cannot set up the HTTP client")?;
         Ok(Client {
             http,
             base: base.trim_end_matches('/').to_string(),

@@ -21,6 +21,7 @@ pub const LOCAL_TOKEN_FILE: &str = "wpm-data/api-token";
 struct FileConfig {
     registry: Option<String>,
     token: Option<String>,
+    ca_file: Option<PathBuf>,
 }
 
 /// Resolved connection settings for the registry API.
@@ -28,6 +29,8 @@ struct FileConfig {
 pub struct Settings {
     pub registry: String,
     pub token: Option<String>,
+    /// CA the registry's (https) and the broker's (mqtts) certificates must chain to.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `$XDG_CONFIG_HOME/wpm/config.toml`, else `~/.config/wpm/config.toml`.
@@ -89,7 +92,12 @@ impl Settings {
                 tracing::debug!("using the API token from ./{LOCAL_TOKEN_FILE}");
             }
         }
-        Ok(Settings { registry, token })
+        let ca_file = global.ca_file.clone().or(file.ca_file);
+        Ok(Settings {
+            registry,
+            token,
+            ca_file,
+        })
     }
 }
 
@@ -99,9 +107,13 @@ mod tests {
 
     #[test]
     fn config_file_parses_both_keys() {
-        let c: FileConfig = toml::from_str("registry = \"http://r:1\"\ntoken = \"abc\"\n").unwrap();
-        assert_eq!(c.registry.as_deref(), Some("http://r:1"));
+        let c: FileConfig = toml::from_str(
+            "registry = \"https://r:1\"\ntoken = \"abc\"\nca_file = \"/etc/wpm/ca.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.registry.as_deref(), Some("https://r:1"));
         assert_eq!(c.token.as_deref(), Some("abc"));
+        assert_eq!(c.ca_file, Some(PathBuf::from("/etc/wpm/ca.pem")));
     }
 
     #[test]

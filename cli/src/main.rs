@@ -93,7 +93,17 @@ pub struct ConnArgs {
     )]
     pub token: Option<String>,
 
-    /// Config file (TOML with `registry` and `token`) [default: $XDG_CONFIG_HOME/wpm/config.toml]
+    /// PEM file of the CA (or self-signed certificate) that an https:// registry's and an
+    /// mqtts:// broker's certificates must chain to [default: the system's roots]
+    #[arg(
+        long,
+        env = "WPM_CA_FILE",
+        value_name = "PATH",
+        help_heading = "Registry"
+    )]
+    pub ca_file: Option<PathBuf>,
+
+    /// Config file (TOML with `registry`, `token` and `ca_file`) [default: $XDG_CONFIG_HOME/wpm/config.toml]
     #[arg(long, value_name = "PATH", help_heading = "Registry")]
     pub config: Option<PathBuf>,
 }
@@ -104,6 +114,7 @@ impl ConnArgs {
         self.registry = self.registry.take().or_else(|| top.registry.clone());
         self.token = self.token.take().or_else(|| top.token.clone());
         self.config = self.config.take().or_else(|| top.config.clone());
+        self.ca_file = self.ca_file.take().or_else(|| top.ca_file.clone());
     }
 }
 

@@ -3,6 +3,7 @@
 use crate::{example, wait_for};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+use std::path::Path;
 use std::time::Duration;
 
 /// A typed client of the registry's HTTP API.
@@ -38,6 +39,18 @@ impl Api {
             base: base.into(),
             token: token.into(),
         }
+    }
+
+    /// A client of an HTTPS registry whose certificate chains to `ca` (PEM).
+    pub fn with_ca(base: impl Into<String>, token: impl Into<String>, ca: &Path) -> Result<Self> {
+        let tls = wpm_transport::client_config(Some(ca))?;
+        Ok(Self {
+            http: reqwest::Client::builder()
+                .tls_backend_preconfigured((*tls).clone())
+                .build()?,
+            base: base.into(),
+            token: token.into(),
+        })
     }
 
     pub fn with_token(&self, token: &str) -> Self {

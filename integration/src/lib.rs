@@ -145,12 +145,12 @@ impl Env {
                 config.mqtt_listen = format!("127.0.0.1:{}", free_port()).parse()?
             }
             Backend::MosquittoPostgres => {
-                config.broker = Some(mosquitto()?);
+                config.broker = Some(mosquitto()?.parse()?);
                 // The machine's Mosquitto outlives the test: its ingest session should not.
                 config.ingest_session_expiry = Duration::from_secs(60);
                 config.database = Some(postgres_database().await?);
             }
-            Backend::BrokerSqlite(url) => config.broker = Some(url),
+            Backend::BrokerSqlite(url) => config.broker = Some(url.parse()?),
         }
         let registry = wpm_registry::Registry::start(config).await?;
         let api = Api::new(registry.http_url(), registry.token());

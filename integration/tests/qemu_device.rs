@@ -159,7 +159,7 @@ async fn qemu_device_installs_and_upgrades_with_the_fleet() -> Result<()> {
     let elf = firmware_dir().join("target/thumbv8m.main-none-eabihf/release/netdevice");
 
     let env = Env::start(Backend::EmbeddedSqlite).await?;
-    let port = wpm_registry::config::parse_broker_url(&env.mqtt_url)?.1;
+    let port = env.mqtt_url.parse::<wpm_transport::BrokerUrl>()?.port;
     let group = unique("qemu");
     let dir = tempfile::tempdir()?;
     let prov = dir.path().join("prov.bin");

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use wpm_transport::{BrokerUrl, TlsFiles};
 
 /// Default port of the embedded MQTT broker. Not 1883, so that the registry does not
 /// clash with a Mosquitto already running on the machine (the usual development setup).
@@ -25,9 +26,20 @@ pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:1884")]
     pub mqtt_listen: SocketAddr,
     /// Use this external MQTT broker (mqtt://host:port, or mqtt://USER:PASSWORD@host:port
-    /// for a locked-down one) instead of the embedded one.
+    /// for a locked-down one; mqtts:// for TLS) instead of the embedded one.
     #[arg(long, env = "WPM_REGISTRY_BROKER", hide_env_values = true)]
-    pub broker: Option<String>,
+    pub broker: Option<BrokerUrl>,
+    /// PEM file of the CA (or self-signed certificate) that an external mqtts:// broker's
+    /// certificate must chain to (default: the system's roots).
+    #[arg(long, value_name = "FILE")]
+    pub broker_ca: Option<PathBuf>,
+    /// Serve the HTTP API as HTTPS and the embedded broker's device listener as MQTT
+    /// over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// sqlite://path or postgres://... (default: sqlite file `registry.db` in the data dir).
     #[arg(long)]
     pub database: Option<String>,
@@ -62,9 +74,15 @@ pub struct Config {
     pub http: SocketAddr,
     /// Where the embedded broker listens (port 0: any free port). Unused with `broker`.
     pub mqtt_listen: SocketAddr,
-    /// External broker URL (`mqtt://[user:password@]host:port`); `None` runs the
+    /// External broker URL (`mqtt[s]://[user:password@]host:port`); `None` runs the
     /// embedded broker.
-    pub broker: Option<String>,
+    pub broker: Option<BrokerUrl>,
+    /// CA an external `mqtts://` broker's certificate must chain to; `None`: the
+    /// system's roots.
+    pub broker_ca: Option<PathBuf>,
+    /// Certificate and key: the HTTP API speaks HTTPS, the embedded broker's device
+    /// listener MQTT over TLS.
+    pub tls: Option<TlsFiles>,
     /// Database URL; `None` is `sqlite://DATA_DIR/registry.db`.
     pub database: Option<String>,
     /// API token; `None` loads or generates DATA_DIR/api-token.
@@ -88,6 +106,8 @@ impl Config {
             http: SocketAddr::from(([127, 0, 0, 1], 8470)),
             mqtt_listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_MQTT_PORT)),
             broker: None,
+            broker_ca: None,
+            tls: None,
             database: None,
             token: None,
             chunk_size: 2048,
@@ -127,6 +147,11 @@ impl From<ServeArgs> for Config {
             http: a.http,
             mqtt_listen: a.mqtt_listen,
             broker: a.broker,
+            broker_ca: a.broker_ca,
+            tls: a
+                .tls_cert
+                .zip(a.tls_key)
+                .map(|(cert, key)| TlsFiles { cert, key }),
             database: a.database,
             token: a.token,
             chunk_size: a.chunk_size,
@@ -139,77 +164,9 @@ impl From<ServeArgs> for Config {
     }
 }
 
-/// Splits `mqtt://host:port` (or `tcp://`, or bare `host:port`) into host and port; a
-/// login in the URL (`user:password@`) is [`broker_url_login`]'s.
-pub fn parse_broker_url(url: &str) -> anyhow::Result<(String, u16)> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .unwrap_or(url);
-    if url.contains("://") && rest == url {
-        anyhow::bail!("unsupported broker URL {url:?}: only mqtt://host:port is supported");
-    }
-    let rest = rest.trim_end_matches('/');
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (
-            h,
-            p.parse()
-                .map_err(|_| anyhow::anyhow!("bad port in broker URL {url:?}"))?,
-        ),
-        None => (rest, 1883),
-    };
-    if host.is_empty() {
-        anyhow::bail!("no host in broker URL {url:?}");
-    }
-    Ok((host.trim_matches(['[', ']']).to_string(), port))
-}
-
-/// The username and password of a broker URL (`mqtt://user:password@host:port`), if it
-/// has them: how a registry logs in to a locked-down external broker.
-///
-/// # Errors
-/// When the URL names a user without a password.
-pub fn broker_url_login(url: &str) -> anyhow::Result<Option<(String, String)>> {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let Some((userinfo, _)) = rest.rsplit_once('@') else {
-        return Ok(None);
-    };
-    match userinfo.split_once(':') {
-        Some((user, password)) if !user.is_empty() => {
-            Ok(Some((user.to_string(), password.to_string())))
-        }
-        _ => anyhow::bail!(
-            "the broker URL names a user but no password: mqtt://USER:PASSWORD@HOST:PORT"
-        ),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn broker_urls() {
-        assert_eq!(
-            parse_broker_url("mqtt://127.0.0.1:1883").unwrap(),
-            ("127.0.0.1".into(), 1883)
-        );
-        assert_eq!(
-            parse_broker_url("mqtt://broker.local").unwrap(),
-            ("broker.local".into(), 1883)
-        );
-        assert!(parse_broker_url("mqtts://x:1").is_err());
-        assert!(parse_broker_url("mqtt://x:notaport").is_err());
-        let url = "mqtt://wpm-registry:s3:cret@10.0.0.2:1884";
-        assert_eq!(parse_broker_url(url).unwrap(), ("10.0.0.2".into(), 1884));
-        assert_eq!(
-            broker_url_login(url).unwrap(),
-            Some(("wpm-registry".into(), "s3:cret".into()))
-        );
-        assert_eq!(broker_url_login("mqtt://h:1").unwrap(), None);
-        assert!(broker_url_login("mqtt://user@h:1").is_err());
-    }
 
     #[test]
     fn packet_size_covers_chunks_and_manifests() {

@@ -29,11 +29,14 @@ pub use keys::{seal_deployment, seal_module_manifest};
 use anyhow::Context as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 
 /// A running registry.
 pub struct Registry {
     http_addr: SocketAddr,
+    /// `http` or `https`.
+    http_scheme: &'static str,
     mqtt_url: String,
     token: String,
     public_key: [u8; 32],
@@ -72,11 +75,14 @@ impl Registry {
         let max_packet = config.max_packet_size();
         let mut embedded = None;
         let credentials;
+        let mut client_tls = None;
         let (host, port, mqtt_url) = match &config.broker {
             Some(url) => {
-                let (host, port) = config::parse_broker_url(url)?;
-                credentials = config::broker_url_login(url)?;
-                (host.clone(), port, format!("mqtt://{host}:{port}"))
+                credentials = url.login.clone();
+                if url.tls {
+                    client_tls = Some(wpm_transport::client_config(config.broker_ca.as_deref())?);
+                }
+                (url.host.clone(), url.port, url.with_login(None).to_string())
             }
             None => {
                 let password = keys::load_or_create_broker_password(&config.data_dir)?;
@@ -86,9 +92,16 @@ impl Registry {
                     registry_password: password.clone(),
                     devices: Arc::new(db.clone()),
                 });
+                broker.device_tls = config.tls.clone();
                 let b = wpm_broker::Broker::start(broker)?;
+                // The registry's own clients stay on the loopback listener, in the clear.
                 let own = b.registry_addr();
-                let url = format!("mqtt://{}", b.addr());
+                let scheme = if config.tls.is_some() {
+                    "mqtts"
+                } else {
+                    "mqtt"
+                };
+                let url = format!("{scheme}://{}", b.addr());
                 embedded = Some(b);
                 credentials = Some((wpm_broker::REGISTRY_USER.to_string(), password));
                 (own.ip().to_string(), own.port(), url)
@@ -100,6 +113,7 @@ impl Registry {
             port,
             max_packet_size: max_packet,
             credentials: credentials.clone(),
+            tls: client_tls,
         };
 
         let (stop, stop_rx) = watch::channel(false);
@@ -186,17 +200,27 @@ impl Registry {
             .await
             .with_context(|| format!("HTTP API cannot listen on {}", config.http))?;
         let http_addr = listener.local_addr()?;
-        let mut http_stop = stop_rx.clone();
-        let http_task = tokio::spawn(async move {
-            axum::serve(listener, http::router(state))
-                .with_graceful_shutdown(async move {
-                    let _ = http_stop.wait_for(|s| *s).await;
-                })
-                .await
-        });
+        let http_task = match &config.tls {
+            None => tokio::spawn(serve_http(listener, http::router(state), stop_rx.clone())),
+            Some(files) => {
+                let tls = wpm_transport::server_config(files)?;
+                tokio::spawn(serve_https(
+                    listener,
+                    http::router(state),
+                    tls,
+                    stop_rx.clone(),
+                ))
+            }
+        };
+        let http_scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         tracing::info!(http = %http_addr, mqtt = %mqtt_url, "registry ready");
         Ok(Registry {
             http_addr,
+            http_scheme,
             mqtt_url,
             token,
             public_key: key.public(),
@@ -212,14 +236,18 @@ impl Registry {
         })
     }
 
-    /// `http://127.0.0.1:PORT` (the real port when started with port 0).
+    /// `http://127.0.0.1:PORT`, or `https://…` (the real port when started with port 0).
     pub fn http_url(&self) -> String {
         let ip = if self.http_addr.ip().is_unspecified() {
             std::net::IpAddr::from([127, 0, 0, 1])
         } else {
             self.http_addr.ip()
         };
-        format!("http://{}", SocketAddr::new(ip, self.http_addr.port()))
+        format!(
+            "{}://{}",
+            self.http_scheme,
+            SocketAddr::new(ip, self.http_addr.port())
+        )
     }
 
     /// `mqtt://host:port` devices should connect to.
@@ -265,6 +293,40 @@ impl Registry {
             .context("HTTP server failed")?;
         Ok(())
     }
+}
+
+/// Serves the API in the clear until `stop` flips.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await
+}
+
+/// Serves the API over TLS until `stop` flips. axum-server does each handshake in a
+/// task of its own, so a client that stalls its handshake holds up nobody else.
+async fn serve_https(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    tls: Arc<wpm_transport::rustls::ServerConfig>,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let handle = axum_server::Handle::new();
+    let on_stop = handle.clone();
+    tokio::spawn(async move {
+        let _ = stop.wait_for(|s| *s).await;
+        on_stop.graceful_shutdown(Some(Duration::from_secs(5)));
+    });
+    let config = axum_server::tls_rustls::RustlsConfig::from_config(tls);
+    axum_server::from_tcp_rustls(listener.into_std()?, config)?
+        .handle(handle)
+        .serve(router.into_make_service())
+        .await
 }
 
 /// Starts the registry and runs it until Ctrl-C (or SIGTERM).

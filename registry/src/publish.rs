@@ -22,6 +22,8 @@ pub struct MqttSettings {
     /// Username and password the registry's clients log in with, if the broker wants
     /// them (the embedded one does).
     pub credentials: Option<(String, String)>,
+    /// TLS to the broker (an external `mqtts://` one), trusting this configuration's roots.
+    pub tls: Option<Arc<wpm_transport::rustls::ClientConfig>>,
 }
 
 impl MqttSettings {
@@ -35,6 +37,11 @@ impl MqttSettings {
         o.set_outgoing_inflight_upper_limit(100);
         if let Some((user, password)) = &self.credentials {
             o.set_credentials(user.clone(), password.clone());
+        }
+        if let Some(tls) = &self.tls {
+            o.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.clone()),
+            ));
         }
         o
     }

@@ -128,6 +128,14 @@ pub struct ServeArgs {
     /// A node of the cluster, this one included: ID@HOST:PORT of its --cluster-listen
     #[arg(long = "node", value_name = "ID@HOST:PORT", value_parser = parse_node, requires = "node_id")]
     pub nodes: Vec<(u64, String)>,
+
+    /// Serve devices MQTT over TLS with this certificate chain (PEM); needs --tls-key
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-cert
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 fn parse_node(s: &str) -> Result<(u64, String)> {
@@ -143,6 +151,8 @@ fn parse_node(s: &str) -> Result<(u64, String)> {
 pub async fn serve(args: ServeArgs) -> Result<()> {
     let mut config = wpm_broker::BrokerConfig::new(args.listen, args.max_packet_size);
     config.registry_listen = args.registry_listen;
+    config.device_tls =
+        (args.tls_cert.zip(args.tls_key)).map(|(cert, key)| wpm_transport::TlsFiles { cert, key });
     config.cluster = match (args.node_id, args.cluster_listen) {
         (Some(node_id), Some(listen)) => Some(wpm_broker::ClusterConfig {
             node_id,

@@ -53,22 +53,6 @@ fn device_keys(identities: &[(String, [u8; 32])]) -> DeviceKeys {
         .collect()
 }
 
-/// `mqtt://host:port` -> (host, port).
-fn broker_host_port(url: &str) -> Result<(String, u16)> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .unwrap_or(url);
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = rest
-        .rsplit_once(':')
-        .with_context(|| format!("broker address `{url}` has no port"))?;
-    let port = port
-        .parse()
-        .with_context(|| format!("broker address `{url}` has a bad port"))?;
-    Ok((host.trim_matches(['[', ']']).to_string(), port))
-}
-
 /// Telemetry is bytes as the module sent them, sealed by the device: shown (text as
 /// text, anything else as hex) only if the device's key opens it.
 fn telemetry_line(topic: &str, payload: &[u8], keys: &DeviceKeys) -> Option<String> {
@@ -100,7 +84,7 @@ async fn watch_telemetry(
     every: Duration,
     keys: DeviceKeys,
 ) -> Result<()> {
-    let (host, port) = broker_host_port(&broker_url)?;
+    let wpm_transport::BrokerUrl { host, port, .. } = broker_url.parse()?;
     let mut opts = MqttOptions::new(format!("wpm-demo-watch-{}", std::process::id()), host, port);
     // Every device's telemetry: the registry's own login reads it.
     if let Some((user, password)) = login {
@@ -319,19 +303,6 @@ mod tests {
         assert!(t.contains("  wpm device events demo-0000"), "{t}");
         let t = instructions("http://h:1", "tok", Path::new("/tmp/x"), "demo-0000");
         assert!(!t.contains("by itself"), "{t}");
-    }
-
-    #[test]
-    fn broker_addresses() {
-        assert_eq!(
-            broker_host_port("mqtt://127.0.0.1:1883").unwrap(),
-            ("127.0.0.1".to_string(), 1883)
-        );
-        assert_eq!(
-            broker_host_port("tcp://[::1]:5000/").unwrap(),
-            ("::1".to_string(), 5000)
-        );
-        assert!(broker_host_port("mqtt://host").is_err());
     }
 
     #[test]

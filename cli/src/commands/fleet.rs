@@ -294,6 +294,7 @@ mod tests {
                 registry: None,
                 token: None,
                 config: None,
+                ca_file: None,
             },
         };
         assert_eq!(

@@ -18,7 +18,8 @@ pub struct SimArgs {
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub devices: usize,
 
-    /// MQTT broker the devices connect to (the registry's embedded one listens on 1884 by default)
+    /// MQTT broker the devices connect to (the registry's embedded one listens on 1884 by
+    /// default); mqtts://HOST:PORT for TLS, trusting --ca-file
     #[arg(
         long,
         env = "WPM_BROKER",
@@ -130,19 +131,16 @@ pub async fn run(global: &GlobalArgs, args: SimArgs) -> Result<()> {
     if args.devices == 0 {
         bail!("--devices must be at least 1");
     }
-    if !(args.broker.starts_with("mqtt://") || args.broker.starts_with("tcp://")) {
-        bail!(
-            "--broker must look like mqtt://HOST:PORT, got `{}`",
-            args.broker
-        );
-    }
+    args.broker
+        .parse::<wpm_transport::BrokerUrl>()
+        .context("bad --broker (want mqtt://HOST:PORT or mqtts://HOST:PORT)")?;
     for g in &args.groups {
         super::check_name("group", g)?;
     }
     super::check_name("id prefix", &args.id_prefix)?;
     let keys = trusted_keys(&args).await?;
     let secret_dir = (args.state_dir.clone()).unwrap_or_else(|| PathBuf::from("wpm-data"));
-    let cfg = fleet_config(
+    let mut cfg = fleet_config(
         args.broker.clone(),
         keys,
         identity_secret(&secret_dir)?,
@@ -152,7 +150,10 @@ pub async fn run(global: &GlobalArgs, args: SimArgs) -> Result<()> {
         args.slots,
         args.state_dir.clone(),
     );
-    let client = Client::new(&Settings::resolve(&args.conn)?)?;
+    let settings = Settings::resolve(&args.conn)?;
+    // One CA for the registry's HTTPS and the broker's TLS: both are the registry's.
+    cfg.broker_ca = settings.ca_file.clone();
+    let client = Client::new(&settings)?;
     register(&client, &cfg).await?;
     let fleet = wpm_sim::Fleet::start(cfg)
         .await

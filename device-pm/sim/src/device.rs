@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::Transport;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -12,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use wpm_device_pm::sim_flash::SimFlash;
 use wpm_device_pm::{Config, Device, Input, Output, Qos, Tuning};
+use wpm_transport::BrokerUrl;
 
 /// Largest MQTT packet a device accepts: a chunk plus headers, with room to spare.
 const MAX_PACKET: u32 = 64 * 1024;
@@ -46,7 +48,12 @@ pub struct SimDevice {
 
 impl SimDevice {
     /// Boots from the saved flash image in the state directory, or from blank flash.
-    pub fn boot(config: &FleetConfig, id: String) -> Result<Self> {
+    pub fn boot(
+        config: &FleetConfig,
+        broker: &BrokerUrl,
+        transport: Transport,
+        id: String,
+    ) -> Result<Self> {
         let flash_path = config
             .state_dir
             .as_ref()
@@ -70,14 +77,8 @@ impl SimDevice {
         let mut core = Device::new(core_config, flash, now_ms())
             .map_err(|e| anyhow::anyhow!("device {id}: flash store does not boot: {e:?}"))?;
 
-        // rumqttc parses the broker URL; the client id travels as its query parameter.
-        let mut options = MqttOptions::parse_url(format!("{}?client_id={id}", config.broker_url))
-            .with_context(|| {
-            format!(
-                "bad broker URL {:?} (want mqtt://host:port)",
-                config.broker_url
-            )
-        })?;
+        let mut options = MqttOptions::new(id.clone(), broker.host.clone(), broker.port);
+        options.set_transport(transport);
         let will = last_will(&mut core, config.tuning)?;
         let (username, password) = core.broker_login();
         let tuning = config.tuning;

@@ -21,12 +21,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use wpm_transport::BrokerUrl;
 
 /// How to run a fleet of simulated devices.
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
-    /// `mqtt://host:port` of the broker the devices connect to.
+    /// `mqtt://host:port` (or `mqtts://` for TLS) of the broker the devices connect to.
     pub broker_url: String,
+    /// PEM file of the CA an `mqtts://` broker's certificate must chain to; `None`: the
+    /// system's roots.
+    pub broker_ca: Option<PathBuf>,
     /// Registry public keys the devices trust.
     pub trusted_keys: Vec<[u8; 32]>,
     /// Each device's own key is derived from this secret and its id
@@ -56,6 +60,7 @@ impl FleetConfig {
     ) -> Self {
         Self {
             broker_url: broker_url.into(),
+            broker_ca: None,
             trusted_keys,
             identity_secret,
             groups: Vec::new(),
@@ -114,8 +119,12 @@ impl Fleet {
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let mut ids = Vec::with_capacity(config.devices);
+        let broker: BrokerUrl = config.broker_url.parse()?;
+        // Once for the fleet: a TLS configuration reads its CA file.
+        let transport = broker.transport(config.broker_ca.as_deref())?;
         for index in 0..config.devices {
-            let device = SimDevice::boot(&config, config.device_id(index))?;
+            let id = config.device_id(index);
+            let device = SimDevice::boot(&config, &broker, transport.clone(), id)?;
             ids.push(device.id().to_string());
             tasks.spawn(device.run(cancel.clone()));
         }

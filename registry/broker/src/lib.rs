@@ -60,6 +60,9 @@ pub struct BrokerConfig {
     /// anything, for a broker node run on its own (`wpm broker serve`) that has no
     /// registry database to check devices against.
     pub access: Option<Access>,
+    /// Certificate and key: the device listener speaks MQTT over TLS (rustls). The
+    /// registry listener stays in the clear: it is loopback, or a replicas' network.
+    pub device_tls: Option<wpm_transport::TlsFiles>,
 }
 
 impl BrokerConfig {
@@ -73,6 +76,7 @@ impl BrokerConfig {
             registry_queue: 200_000,
             registry_session_expiry: Duration::from_secs(24 * 3600),
             cluster: None,
+            device_tls: None,
             access: None,
         }
     }
@@ -269,11 +273,21 @@ async fn build(
         // A device has at most a chunk window of retained topics outstanding.
         .max_inflight(NonZeroU16::new(64).expect("non-zero"))
         .max_mqueue_len(1_000)
-        .allow_anonymous(open)
-        .bind()
-        .map_err(|e| anyhow::anyhow!("device listener on {listen}: {e}"))?
-        .tcp()
-        .map_err(|e| anyhow::anyhow!("device listener on {listen}: {e}"))?;
+        .allow_anonymous(open);
+    let devices = match &config.device_tls {
+        Some(files) => {
+            // rmqtt reads the files itself; check them first for an error that names them.
+            wpm_transport::server_config(files)?;
+            let path = |p: &std::path::Path| Some(p.to_string_lossy().into_owned());
+            devices
+                .tls_cert(path(&files.cert))
+                .tls_key(path(&files.key))
+                .bind()
+                .and_then(|l| l.tls())
+        }
+        None => devices.bind().and_then(|l| l.tcp()),
+    }
+    .map_err(|e| anyhow::anyhow!("device listener on {listen}: {e}"))?;
     let registry = Builder::new()
         .name("registry")
         .laddr(registry_addr)

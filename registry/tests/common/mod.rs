@@ -86,7 +86,7 @@ impl PgSchema {
 pub fn pg_mosquitto_config(dir: &std::path::Path, pg: &PgSchema) -> Config {
     let mut c = Config::new(dir);
     c.http = "127.0.0.1:0".parse().unwrap();
-    c.broker = Some(MOSQUITTO.to_string());
+    c.broker = Some(MOSQUITTO.parse().unwrap());
     c.database = Some(pg.url.clone());
     c.chunk_size = 64;
     // The machine's Mosquitto outlives the test: its ingest session should not.
@@ -182,7 +182,7 @@ impl Api {
 pub type Login = Option<(String, String)>;
 
 fn mqtt_options(url: &str, id: &str, login: Login) -> MqttOptions {
-    let (host, port) = wpm_registry::config::parse_broker_url(url).unwrap();
+    let wpm_transport::BrokerUrl { host, port, .. } = url.parse().unwrap();
     let mut o = MqttOptions::new(id, host, port);
     o.set_max_packet_size(1 << 20, 1 << 20);
     o.set_keep_alive(Duration::from_secs(30));

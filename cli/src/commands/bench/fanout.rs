@@ -36,7 +36,7 @@ pub struct Broker<'a> {
 }
 
 fn options(broker: &Broker<'_>, id: String, max_packet: usize) -> Result<MqttOptions> {
-    let (host, port) = wpm_registry::config::parse_broker_url(broker.url)?;
+    let wpm_transport::BrokerUrl { host, port, .. } = broker.url.parse()?;
     let mut o = MqttOptions::new(id, host, port);
     if let Some((user, password)) = broker.login {
         o.set_credentials(user.clone(), password.clone());

@@ -98,7 +98,11 @@ pub async fn run(global: &GlobalArgs, args: IngestBenchArgs) -> Result<()> {
     };
     let before = written().await?;
 
-    let (host, mqtt_port) = wpm_registry::config::parse_broker_url(&url)?;
+    let wpm_transport::BrokerUrl {
+        host,
+        port: mqtt_port,
+        ..
+    } = url.parse()?;
     let published = Arc::new(AtomicU64::new(0));
     let publishers = args.publishers.max(1);
     let per = args.records / publishers;

@@ -247,7 +247,7 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
             "the embedded broker's counters (topic + payload, all clients, registry included)",
         )
     } else {
-        let (host, port) = wpm_registry::config::parse_broker_url(&broker_url)?;
+        let wpm_transport::BrokerUrl { host, port, .. } = broker_url.parse()?;
         let addr = tokio::net::lookup_host((host.as_str(), port))
             .await?
             .next()

@@ -102,7 +102,7 @@ async fn pump(
 /// PUBLISH packets the broker sent and received, all clients together.
 pub async fn follow_sys(broker: &str, traffic: Arc<Traffic>) -> Result<()> {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-    let (host, port) = wpm_registry::config::parse_broker_url(broker)?;
+    let wpm_transport::BrokerUrl { host, port, .. } = broker.parse()?;
     let (c, mut ev) = AsyncClient::new(
         MqttOptions::new(format!("wpm-bench-sys-{}", std::process::id()), host, port),
         16,
