@@ -315,7 +315,7 @@ fn sim_and_demo_refuse_bad_settings_before_starting() {
         ),
         (
             &["sim", "--broker", "http://x:1", "--trust", &"ab".repeat(32)],
-            "--broker must look like mqtt://HOST:PORT",
+            "bad --broker (want mqtt://HOST:PORT or mqtts://HOST:PORT)",
         ),
         (
             &["sim", "--trust", "abcd"],

@@ -115,15 +115,19 @@ fn installs_and_runs_a_module() {
     );
 }
 
+/// Status records the device published since the last `clear_sent`.
+fn statuses(w: &World) -> usize {
+    let status_topic = Topic::Status(DEVICE).render();
+    (w.sent.iter())
+        .filter(
+            |o| matches!(o, Output::Publish { topic, retain: true, .. } if *topic == status_topic),
+        )
+        .count()
+}
+
 #[test]
 fn status_is_republished_periodically_and_not_while_offline() {
     let (mut w, _) = running_v1();
-    let status_topic = Topic::Status(DEVICE).render();
-    let statuses = |w: &World| {
-        (w.sent.iter())
-            .filter(|o| matches!(o, Output::Publish { topic, retain: true, .. } if *topic == status_topic))
-            .count()
-    };
     w.advance(config().tuning.status_interval_ms);
     assert_eq!(statuses(&w), 1);
     w.input(Input::LinkDown);
@@ -142,12 +146,6 @@ fn a_slow_download_reports_progress_without_repeating_its_status() {
     let m = w.publish_module_partly("hello", "1.0.0", &wasm, Some(1));
     let sha: [u8; 32] = *m.sha256;
     w.deploy(vec![m]);
-    let status_topic = Topic::Status(DEVICE).render();
-    let statuses = |w: &World| {
-        (w.sent.iter())
-            .filter(|o| matches!(o, Output::Publish { topic, retain: true, .. } if *topic == status_topic))
-            .count()
-    };
     w.clear_sent();
     // One chunk every 6 s: progress every 10 s, the status ("downloading") unchanged.
     let chunks: Vec<&[u8]> = wasm.chunks(CHUNK_SIZE as usize).collect();
