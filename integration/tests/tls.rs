@@ -52,7 +52,8 @@ fn wpm(args: &[&str]) -> Result<std::process::Output> {
 async fn api_and_device_broker_speak_tls_and_refuse_the_clear_and_other_cas() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let files = self_signed(dir.path())?;
-    let stranger = self_signed(&tempfile::tempdir()?.keep())?;
+    let stranger_dir = tempfile::tempdir()?;
+    let stranger = self_signed(stranger_dir.path())?;
     let mqtt_port = free_port();
     let mut config = wpm_registry::Config::new(dir.path().join("data"));
     config.http = "127.0.0.1:0".parse()?;
