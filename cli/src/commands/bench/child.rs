@@ -67,9 +67,21 @@ pub fn raise_fd_limit(needed: u64) -> Result<u64> {
     Ok(lim.rlim_cur)
 }
 
-/// CPU seconds (user + system) of a process, of those of its threads whose names start
-/// with one of `thread_prefixes`, and its peak resident memory (bytes).
-pub fn process_cost(pid: u32, thread_prefixes: &[&str]) -> Result<(f64, f64, u64)> {
+/// A process's CPU seconds (user + system), split by what its threads do, and its peak
+/// resident memory.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcessCost {
+    pub total: f64,
+    /// Threads of the embedded broker (its runtime's workers, named `wpm-broker…`).
+    pub broker: f64,
+    /// SQLite's worker threads (sqlx runs each connection on its own thread): the
+    /// database's own work when it runs inside the registry.
+    pub database: f64,
+    pub peak_rss: u64,
+}
+
+/// What `pid` has spent so far ([`ProcessCost`]).
+pub fn process_cost(pid: u32) -> Result<ProcessCost> {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let cpu = |stat: &str| -> Result<f64> {
@@ -78,28 +90,36 @@ pub fn process_cost(pid: u32, thread_prefixes: &[&str]) -> Result<(f64, f64, u64
         let f: Vec<&str> = rest.split_whitespace().collect();
         Ok((f[11].parse::<f64>()? + f[12].parse::<f64>()?) / ticks)
     };
-    let total = cpu(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?)?;
-    let mut threads = 0.0;
+    let mut cost = ProcessCost {
+        total: cpu(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?)?,
+        ..ProcessCost::default()
+    };
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let dir = task?.path();
         let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if thread_prefixes.iter().any(|p| name.starts_with(p)) {
-            if let Ok(stat) = std::fs::read_to_string(dir.join("stat")) {
-                threads += cpu(&stat)?;
-            }
+        let Some(sum) = (if name.starts_with("wpm-broker") {
+            Some(&mut cost.broker)
+        } else if name.starts_with("sqlx-sqlite") {
+            Some(&mut cost.database)
+        } else {
+            None
+        }) else {
+            continue;
+        };
+        // A thread that ended between listing and reading: its time is in the total.
+        if let Ok(stat) = std::fs::read_to_string(dir.join("stat")) {
+            *sum += cpu(&stat)?;
         }
     }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let hwm_kb = status
+    cost.peak_rss = status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(0);
-    Ok((total, threads, hwm_kb * 1024))
+        .unwrap_or(0)
+        * 1024;
+    Ok(cost)
 }
-
-/// Threads of the embedded broker in the registry process (its runtime's workers).
-pub const BROKER_THREADS: [&str; 1] = ["wpm-broker"];
 
 /// Where the registry child gets its broker.
 pub enum RegistryBroker<'a> {
@@ -297,7 +317,17 @@ impl FreshDatabase {
 pub struct Cost {
     registry: u32,
     mosquitto: Option<u32>,
-    at: (f64, f64),
+    at: CpuSplit,
+}
+
+/// CPU seconds of the registry (its database threads included, its embedded broker's
+/// not) and of the broker.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuSplit {
+    pub registry: f64,
+    /// Of `registry`: SQLite's threads (0 with PostgreSQL, a process of its own).
+    pub database: f64,
+    pub broker: f64,
 }
 
 impl Cost {
@@ -305,23 +335,32 @@ impl Cost {
         let mut c = Cost {
             registry,
             mosquitto,
-            at: (0.0, 0.0),
+            at: CpuSplit::default(),
         };
         c.at = c.now()?;
         Ok(c)
     }
 
-    fn now(&self) -> Result<(f64, f64)> {
-        let (total, threads, _) = process_cost(self.registry, &BROKER_THREADS)?;
-        Ok(match self.mosquitto {
-            Some(pid) => (total, process_cost(pid, &[])?.0),
-            None => (total - threads, threads),
+    fn now(&self) -> Result<CpuSplit> {
+        let r = process_cost(self.registry)?;
+        let broker = match self.mosquitto {
+            Some(pid) => process_cost(pid)?.total,
+            None => r.broker,
+        };
+        Ok(CpuSplit {
+            registry: r.total - r.broker,
+            database: r.database,
+            broker,
         })
     }
 
-    /// (registry CPU, broker CPU) seconds since the start.
-    pub fn since(&self) -> Result<(f64, f64)> {
-        let (r, b) = self.now()?;
-        Ok((r - self.at.0, b - self.at.1))
+    /// CPU seconds since the start.
+    pub fn since(&self) -> Result<CpuSplit> {
+        let n = self.now()?;
+        Ok(CpuSplit {
+            registry: n.registry - self.at.registry,
+            database: n.database - self.at.database,
+            broker: n.broker - self.at.broker,
+        })
     }
 }

@@ -1,6 +1,6 @@
-//! `wpm bench ingest`: status records per second from the broker into the registry's
-//! database, with publishers that push as fast as the broker takes them instead of
-//! waiting for devices.
+//! `wpm bench ingest`: device reports (statuses and events) per second from the broker
+//! into the registry's database, with publishers that push as fast as the broker takes
+//! them instead of waiting for devices, and the registry's CPU per report.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,15 +13,18 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde_json::{json, Value};
 
-use super::child::{free_port, OwnMosquitto, RegistryBroker, RegistryChild};
+use super::child::{free_port, Cost, OwnMosquitto, RegistryBroker, RegistryChild};
 use super::BrokerArgs;
 use crate::output::{emit, emit_json};
 use crate::GlobalArgs;
-use wpm_manifests::{DeviceStatus, KeyPair, ModuleState, ModuleStatus, Report, ReportBody, Topic};
+use wpm_manifests::{
+    DeviceStatus, Event as DeviceEvent, EventKind, KeyPair, ModuleState, ModuleStatus, Report,
+    ReportBody, Topic,
+};
 
 #[derive(Debug, Args)]
 pub struct IngestBenchArgs {
-    /// Status records to publish
+    /// Reports to publish (statuses and events, alternating per device)
     #[arg(long, default_value_t = 100_000)]
     pub records: u64,
 
@@ -37,32 +40,60 @@ pub struct IngestBenchArgs {
     pub broker: BrokerArgs,
 }
 
-/// A status record as a device with one running module sends it: sealed with the
-/// device's key, numbered `counter`.
-fn status(device: &str, key: &KeyPair, counter: u64, at_ms: u64) -> Vec<u8> {
-    let status = DeviceStatus {
-        device: device.to_string(),
-        groups: vec!["bench".into()],
-        sequence: 7,
-        modules: vec![ModuleStatus {
-            name: "sensor".into(),
-            version: "1.4.2".into(),
-            sha256: [7u8; 32].into(),
-            state: ModuleState::Running,
+/// The `counter`th report of a device in the middle of updating its one module, as it
+/// sends them: every other one a status whose module moves on (downloading, installed,
+/// running, then the next version), and between them the event that moved it. So the
+/// registry stores module rows and events as it does in a rollout, not only statuses
+/// that repeat. Sealed with the device's key; the topic and whether it is retained.
+fn report(device: &str, key: &KeyPair, counter: u64, at_ms: u64) -> (String, Vec<u8>, bool) {
+    let step = (counter - 1) / 2;
+    let module = "sensor".to_string();
+    let version = format!("1.{}.0", step / 3);
+    let (body, topic) = if counter % 2 == 1 {
+        let state = [
+            ModuleState::Downloading,
+            ModuleState::Installed,
+            ModuleState::Running,
+        ][(step % 3) as usize];
+        let status = DeviceStatus {
+            device: device.to_string(),
+            groups: vec!["bench".into()],
+            sequence: 7,
+            modules: vec![ModuleStatus {
+                name: module,
+                version,
+                sha256: [7u8; 32].into(),
+                state,
+                last_error: None,
+            }],
+            slots_used: 1,
+            slots_total: 4,
+            flash_free: 400_000,
+            ram_free: 90_000,
             last_error: None,
-        }],
-        slots_used: 1,
-        slots_total: 4,
-        flash_free: 400_000,
-        ram_free: 90_000,
-        last_error: None,
-        at_ms,
+            at_ms,
+        };
+        (ReportBody::Status(status), Topic::Status(device))
+    } else {
+        let kind = if step % 3 == 1 {
+            EventKind::Started { module, version }
+        } else {
+            EventKind::Installed { module, version }
+        };
+        let event = DeviceEvent {
+            device: device.to_string(),
+            at_ms,
+            kind,
+        };
+        (ReportBody::Event(event), Topic::Events(device))
     };
-    key.seal(&Report {
+    let retain = matches!(body, ReportBody::Status(_));
+    let sealed = key.seal(&Report {
         device: device.to_string(),
         counter,
-        body: ReportBody::Status(status),
-    })
+        body,
+    });
+    (topic.render(), sealed, retain)
 }
 
 pub async fn run(global: &GlobalArgs, args: IngestBenchArgs) -> Result<()> {
@@ -125,7 +156,7 @@ pub async fn run(global: &GlobalArgs, args: IngestBenchArgs) -> Result<()> {
         .map(|(id, k)| (id.clone(), k.public()))
         .collect();
     crate::commands::identity::register_simulated(client, &identities, &["bench".into()]).await?;
-    let records: Vec<Vec<(String, Vec<u8>)>> = keys
+    let records: Vec<Vec<(String, Vec<u8>, bool)>> = keys
         .iter()
         .map(|devices| {
             (0..per)
@@ -133,11 +164,13 @@ pub async fn run(global: &GlobalArgs, args: IngestBenchArgs) -> Result<()> {
                     let (id, key) = &devices[(i % devices.len() as u64) as usize];
                     let at = 1_790_000_000_000 + i;
                     // Each device's records go out in counter order.
-                    (Topic::Status(id).render(), status(id, key, i + 1, at))
+                    report(id, key, i / devices.len() as u64 + 1, at)
                 })
                 .collect()
         })
         .collect();
+    let pid = registry.pid()?;
+    let cost = Cost::start(pid, own.as_ref().and_then(OwnMosquitto::pid))?;
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (p, records) in records.into_iter().enumerate() {
@@ -167,8 +200,8 @@ pub async fn run(global: &GlobalArgs, args: IngestBenchArgs) -> Result<()> {
                     }
                 }
             });
-            for (topic, payload) in records {
-                c.publish(topic, QoS::AtLeastOnce, true, payload).await?;
+            for (topic, payload, retain) in records {
+                c.publish(topic, QoS::AtLeastOnce, retain, payload).await?;
             }
             // Keep the connection until the broker acknowledged everything.
             driver.await?
@@ -201,6 +234,7 @@ pub async fn run(global: &GlobalArgs, args: IngestBenchArgs) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    let cpu = cost.since()?;
     tasks.abort_all();
     drop(registry);
     if let Some(b) = own.as_mut() {
@@ -218,6 +252,11 @@ pub async fn run(global: &GlobalArgs, args: IngestBenchArgs) -> Result<()> {
         "publish_seconds": publish_done.as_secs_f64(),
         "ingest_seconds": done.as_secs_f64(),
         "records_per_second": total as f64 / done.as_secs_f64(),
+        "cpu_us_per_record": {
+            "registry": cpu.registry * 1e6 / total as f64,
+            "database": cpu.database * 1e6 / total as f64,
+            "broker": cpu.broker * 1e6 / total as f64,
+        },
     });
     if global.json {
         emit_json(&result);
@@ -229,9 +268,10 @@ pub async fn run(global: &GlobalArgs, args: IngestBenchArgs) -> Result<()> {
 
 fn render(r: &Value) -> String {
     format!(
-        "{} status records ({} devices, {} publishers) via {} into {}\n\
+        "{} device reports ({} devices, {} publishers; statuses and events) via {} into {}\n\
          \x20 published and acknowledged by the broker in {:.2} s\n\
-         \x20 written by the registry in {:.2} s: {:.0} records/s",
+         \x20 written by the registry in {:.2} s: {:.0} records/s\n\
+         \x20 CPU per record: registry {:.0} µs (SQLite threads {:.0} µs) + broker {:.0} µs",
         r["records"],
         r["devices"],
         r["publishers"],
@@ -240,5 +280,8 @@ fn render(r: &Value) -> String {
         r["publish_seconds"].as_f64().unwrap_or(0.0),
         r["ingest_seconds"].as_f64().unwrap_or(0.0),
         r["records_per_second"].as_f64().unwrap_or(0.0),
+        r["cpu_us_per_record"]["registry"].as_f64().unwrap_or(0.0),
+        r["cpu_us_per_record"]["database"].as_f64().unwrap_or(0.0),
+        r["cpu_us_per_record"]["broker"].as_f64().unwrap_or(0.0),
     )
 }

@@ -4,8 +4,8 @@
 //! * `rollout`: a deploy and a staged rollout to N simulated devices (the real device
 //!   core, the firmware's tunables), split into distribution and confirmation, next to
 //!   the raw broker fan-out of the same bytes; every device report counted on both sides.
-//! * `ingest`: how many status records per second the registry writes, from publishers
-//!   that do not wait for devices.
+//! * `ingest`: how many device reports per second the registry writes, and its CPU per
+//!   report, from publishers that do not wait for devices.
 
 mod child;
 mod fanout;
@@ -30,8 +30,8 @@ pub enum BenchCommand {
   wpm bench rollout --devices 1000 --repeat 20     # a hang or a lost report fails the run")]
     Rollout(rollout::RolloutBenchArgs),
 
-    /// Status records per second into the registry's database, from publishers that
-    /// do not wait for devices
+    /// Device reports per second into the registry's database, and the registry's CPU
+    /// per report, from publishers that do not wait for devices
     #[command(after_help = "Examples:
   wpm bench ingest
   wpm bench ingest --records 200000 --database postgres://postgres@127.0.0.1/test")]

@@ -21,8 +21,8 @@ use indicatif::ProgressBar;
 use serde_json::{json, Value};
 
 use super::child::{
-    free_port, process_cost, raise_fd_limit, Cost, OwnMosquitto, RegistryBroker, RegistryChild,
-    BROKER_THREADS,
+    free_port, process_cost, raise_fd_limit, Cost, CpuSplit, OwnMosquitto, RegistryBroker,
+    RegistryChild,
 };
 use super::rollout_report::{render, summary_line};
 use super::traffic::{follow_sys, start_relay, Traffic};
@@ -350,6 +350,7 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
     // Phase 1: a one-shot group deploy of v1.
     probe.reset_milestones();
     let cost = Cost::start(pid, own_broker.as_ref().and_then(OwnMosquitto::pid))?;
+    let sent_before = probe.sent();
     let t = Instant::now();
     let t_unix = unix_ms();
     client
@@ -387,6 +388,7 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
         deploy_total - m.last_ms.saturating_sub(t_unix) as f64 / 1000.0
     });
     let deploy_cpu = cost.since()?;
+    let deploy_reports = probe.sent() - sent_before;
     say(&format!(
         "one-shot deploy of v1: {deploy_total:.1} s (distribution {deploy_distribution:.1} s)"
     ));
@@ -396,6 +398,7 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
     let before = traffic_now().await?;
     probe.reset_milestones();
     let cost = Cost::start(pid, own_broker.as_ref().and_then(OwnMosquitto::pid))?;
+    let sent_before = probe.sent();
     let t = Instant::now();
     let r = client
         .post_json(
@@ -450,9 +453,10 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
     .await?;
     let rollout_distribution = distribution(&probe, "bench@2.0.0").unwrap_or(0.0);
     let rollout_cpu = cost.since()?;
+    let rollout_reports = probe.sent() - sent_before;
     tokio::time::sleep(settle).await;
     let after = traffic_now().await?;
-    let (_, _, peak_mem) = process_cost(pid, &BROKER_THREADS)?;
+    let peak_mem = process_cost(pid)?.peak_rss;
 
     // Every report the devices sent must be in the database.
     for f in fleets {
@@ -513,9 +517,9 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
         d.drop().await;
     }
 
-    let per_k = |cpu: (f64, f64)| {
-        let k = args.devices as f64 / 1000.0;
-        json!({"registry": cpu.0 / k, "broker": cpu.1 / k})
+    let per_k = |cpu: CpuSplit, of: u64| {
+        let k = of.max(1) as f64 / 1000.0;
+        json!({"registry": cpu.registry / k, "database": cpu.database / k, "broker": cpu.broker / k})
     };
     let diff = |i: usize| match (before, after) {
         (Some(b), Some(a)) => json!(a[i].saturating_sub(b[i])),
@@ -532,13 +536,17 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
             "total_seconds": deploy_total,
             "distribution_seconds": deploy_distribution,
             "confirmation_seconds": deploy_confirmation,
-            "cpu_seconds_per_1000_devices": per_k(deploy_cpu),
+            "reports": deploy_reports,
+            "cpu_seconds_per_1000_devices": per_k(deploy_cpu, args.devices as u64),
+            "cpu_seconds_per_1000_reports": per_k(deploy_cpu, deploy_reports),
         },
         "rollout": {
             "total_seconds": rollout_total,
             "distribution_seconds": rollout_distribution,
             "stage_start_seconds": stage_times.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
-            "cpu_seconds_per_1000_devices": per_k(rollout_cpu),
+            "reports": rollout_reports,
+            "cpu_seconds_per_1000_devices": per_k(rollout_cpu, args.devices as u64),
+            "cpu_seconds_per_1000_reports": per_k(rollout_cpu, rollout_reports),
         },
         "raw_fanout": fanouts,
         "ratios": {

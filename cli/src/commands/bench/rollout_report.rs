@@ -19,8 +19,9 @@ pub(super) fn render(r: &Value) -> String {
     let f = |v: &Value| v.as_f64().unwrap_or(0.0);
     let cpu = |v: &Value| {
         format!(
-            "registry {:.2} s + broker {:.2} s",
+            "registry {:.2} s (SQLite threads {:.2} s) + broker {:.2} s",
             f(&v["registry"]),
+            f(&v["database"]),
             f(&v["broker"])
         )
     };
@@ -37,6 +38,7 @@ pub(super) fn render(r: &Value) -> String {
          \x20   broker → devices            {} messages, {}\n\
          \x20   devices → broker            {} messages, {}\n\
          \x20 CPU per 1,000 devices         deploy: {}; rollout: {}\n\
+         \x20 CPU per 1,000 reports         deploy: {} ({} reports); rollout: {} ({} reports)\n\
          \x20 registry peak memory          {}\n\
          \x20 fleet summary answered in     {} ms median, {} ms at most",
         human_size(r["module_size"].as_u64().unwrap_or(0)),
@@ -67,6 +69,10 @@ pub(super) fn render(r: &Value) -> String {
         bytes(&r["rollout_traffic"]["from_devices"]["bytes"]),
         cpu(&r["deploy"]["cpu_seconds_per_1000_devices"]),
         cpu(&r["rollout"]["cpu_seconds_per_1000_devices"]),
+        cpu(&r["deploy"]["cpu_seconds_per_1000_reports"]),
+        r["deploy"]["reports"],
+        cpu(&r["rollout"]["cpu_seconds_per_1000_reports"]),
+        r["rollout"]["reports"],
         human_size(r["registry_peak_rss_bytes"].as_u64().unwrap_or(0)),
         ratio(&r["fleet_summary_latency"]["median_ms"]),
         ratio(&r["fleet_summary_latency"]["max_ms"]),
