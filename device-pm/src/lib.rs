@@ -42,6 +42,7 @@ pub mod runtime;
 pub mod sim_flash;
 pub mod snapshot;
 pub mod store;
+mod trust;
 pub mod tuning;
 
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -232,7 +233,8 @@ impl<F: NorFlash> Device<F> {
         targets.push(Target::Device(config.device_id.clone()));
         let command_topic = Topic::Command(&config.device_id).render();
         let mut device = Self {
-            keys: TrustedKeys::new(&config.trusted_keys),
+            // Set from the state record below: the provisioned keys or those reached.
+            keys: TrustedKeys::new(&[]),
             reporter: Reporter::new(
                 config.device_id.clone(),
                 &config.device_key,
@@ -263,6 +265,7 @@ impl<F: NorFlash> Device<F> {
             status_dirty: false,
             published_status: None,
         };
+        device.keys = device.trusted_keys_at_boot();
         device.reconcile();
         Ok(device)
     }
@@ -526,6 +529,7 @@ impl<F: NorFlash> Device<F> {
             self.subscribe(topic);
         }
         self.subscribe(self.command_topic.clone());
+        self.subscribe(Topic::Trust.render());
         let presence = Topic::Presence(&self.config.device_id).render();
         self.report(presence, self.reporter.online(), true);
         self.status_dirty = true;
@@ -547,6 +551,9 @@ impl<F: NorFlash> Device<F> {
         }
         if topic == self.command_topic {
             return self.on_command(payload);
+        }
+        if topic == Topic::Trust.render() {
+            return self.on_trust(payload);
         }
         match wpm_manifests::topic::parse_module_topic(topic) {
             Some(wpm_manifests::topic::ModuleTopic::Manifest(digest)) => {

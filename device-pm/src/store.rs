@@ -196,6 +196,19 @@ pub struct State {
     #[n(12)]
     #[cbor(default)]
     pub report_epoch: u32,
+    /// The keys reached by following the registry's trust chain (`None`: the
+    /// provisioned ones, epoch 0).
+    #[n(13)]
+    pub trust: Option<TrustState>,
+}
+
+/// The epoch of the trust chain a device has reached, and that epoch's keys.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct TrustState {
+    #[n(0)]
+    pub epoch: u64,
+    #[n(1)]
+    pub keys: Vec<minicbor::bytes::ByteArray<32>>,
 }
 
 impl State {
@@ -214,6 +227,7 @@ impl State {
             pins: Vec::new(),
             health: None,
             report_epoch: 0,
+            trust: None,
         }
     }
 

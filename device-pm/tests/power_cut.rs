@@ -226,6 +226,47 @@ fn restore_from_flash_survives_a_cut_anywhere() {
     assert!(n >= 1);
 }
 
+#[test]
+fn a_trust_update_survives_a_cut_anywhere() {
+    use wpm_manifests::{golden, KeyPair, Topic, TrustChain, TrustUpdate};
+    fn keys() -> [KeyPair; 2] {
+        [golden::key(), KeyPair::from_seed(&[0x42; 32])]
+    }
+    let n = enumerate(&Scenario {
+        name: "trust update",
+        limits: LIMITS,
+        setup: World::new,
+        step: |w| {
+            let [old, new] = keys();
+            let update = TrustUpdate {
+                epoch: 1,
+                keys: vec![old.public().into(), new.public().into()],
+            };
+            let chain = TrustChain {
+                links: vec![old.seal(&update).into()],
+            };
+            w.publish(Topic::Trust.render(), wpm_manifests::encode(&chain));
+        },
+        // Old keys or new ones, never a mix.
+        at_boot: |state| match &state.trust {
+            None => false,
+            Some(t) => {
+                let [old, new] = keys();
+                assert_eq!(t.epoch, 1);
+                assert_eq!(*t.keys, [old.public().into(), new.public().into()]);
+                true
+            }
+        },
+        // A device that kept the old keys follows the retained chain when it reconnects.
+        finish: |w, _| {
+            w.connect();
+            let [old, new] = keys();
+            assert_eq!(w.dev().trust(), (1, vec![old.public(), new.public()]));
+        },
+    });
+    assert!(n >= 1);
+}
+
 fn has_snapshot_in_flash(w: &World) -> bool {
     let bytes = w.dev().flash().as_bytes();
     !stored_state(bytes, FLASH_ONLY).snapshots.is_empty()

@@ -17,6 +17,7 @@ pub mod golden;
 pub mod report;
 pub mod signing;
 pub mod topic;
+pub mod trust;
 pub mod types;
 
 pub use report::{check_login_password, login_password, Report, ReportBody};
@@ -24,6 +25,7 @@ pub use report::{check_login_password, login_password, Report, ReportBody};
 pub use signing::open_many;
 pub use signing::{is_weak_key, sha256, KeyPair, OpenError, Sealed, TrustedKeys};
 pub use topic::{Topic, TopicFilter};
+pub use trust::{TrustChain, TrustUpdate};
 pub use types::*;
 
 /// A malformed CBOR message.

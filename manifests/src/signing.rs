@@ -145,6 +145,11 @@ impl TrustedKeys {
         self.keys.is_empty()
     }
 
+    /// Keys held (the valid ones of those given).
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
     /// Verifies a sealed statement and decodes its body. Verification comes before
     /// decoding the body, so unauthenticated bytes never reach the body decoder.
     pub fn open<T: SignedBody>(&self, bytes: &[u8]) -> Result<T, OpenError> {

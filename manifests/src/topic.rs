@@ -34,6 +34,8 @@ pub enum Topic<'a> {
     Events(&'a str),
     Telemetry(&'a str, &'a str),
     Command(&'a str),
+    /// The registry's chain of trust updates (`crate::trust`), retained.
+    Trust,
 }
 
 impl Topic<'_> {
@@ -50,6 +52,7 @@ impl Topic<'_> {
             Topic::Events(d) => format!("{PREFIX}/device/{d}/events"),
             Topic::Telemetry(d, m) => format!("{PREFIX}/device/{d}/telemetry/{m}"),
             Topic::Command(d) => format!("{PREFIX}/device/{d}/command"),
+            Topic::Trust => format!("{PREFIX}/trust"),
         }
     }
 }
@@ -122,13 +125,16 @@ pub fn device_may_publish(device: &str, topic: &str) -> bool {
 }
 
 /// Whether `device` may subscribe to `filter`: deployments for the fleet, a group or
-/// itself, its own command topic, and module manifests and chunks, each by its exact
-/// name: no wildcards, no other device's topics.
+/// itself, its own command topic, the trust chain, and module manifests and chunks, each
+/// by its exact name: no wildcards, no other device's topics.
 pub fn device_may_subscribe(device: &str, filter: &str) -> bool {
     if filter.contains(['+', '#']) {
         return false;
     }
-    if parse_module_topic(filter).is_some() || filter == Topic::Command(device).render() {
+    if parse_module_topic(filter).is_some()
+        || filter == Topic::Command(device).render()
+        || filter == Topic::Trust.render()
+    {
         return true;
     }
     let single = |s: &str| !s.is_empty() && !s.contains('/');
@@ -159,8 +165,9 @@ pub const DEVICE_PUBLISHES: [&str; 4] = [
 /// What a device may subscribe to and receive, as patterns like [`DEVICE_PUBLISHES`]:
 /// the rule of [`device_may_subscribe`], which also checks module digests and chunk
 /// numbers by name.
-pub const DEVICE_RECEIVES: [&str; 6] = [
+pub const DEVICE_RECEIVES: [&str; 7] = [
     "wpm/v1/deploy/fleet",
+    "wpm/v1/trust",
     "wpm/v1/deploy/group/+",
     "wpm/v1/deploy/device/%u",
     "wpm/v1/device/%u/command",
@@ -309,6 +316,7 @@ mod tests {
             Topic::Deployment(&Target::Group("eu".into())),
             Topic::Deployment(&Target::Device("d1".into())),
             Topic::Command("d1"),
+            Topic::Trust,
             Topic::ModuleManifest(&h),
             Topic::Chunk(&h, 7),
         ] {

@@ -398,6 +398,22 @@ pub enum EventKind {
         #[n(1)]
         accepted: u64,
     },
+    /// The device followed the registry's trust chain to `epoch` and keeps its keys in
+    /// flash (`crate::trust`).
+    #[n(16)]
+    TrustUpdated {
+        #[n(0)]
+        epoch: u64,
+    },
+    /// The device stopped following the trust chain at `epoch`: an update it could not
+    /// open, or a key set it will not use. Its keys stay those of `epoch`.
+    #[n(17)]
+    TrustRejected {
+        #[n(0)]
+        epoch: u64,
+        #[n(1)]
+        reason: String,
+    },
 }
 
 /// What an operator can ask of one module on one device.
@@ -484,6 +500,8 @@ impl EventKind {
             EventKind::Evicted { .. } => "evicted",
             EventKind::Restored { .. } => "restored",
             EventKind::RolledBack { .. } => "rolled_back",
+            EventKind::TrustUpdated { .. } => "trust_updated",
+            EventKind::TrustRejected { .. } => "trust_rejected",
         }
     }
 }

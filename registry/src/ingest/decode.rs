@@ -366,10 +366,12 @@ fn subject(kind: &EventKind) -> (Option<String>, Option<String>, Option<String>)
         EventKind::ChunkRejected { module, reason, .. } => (s(module), None, s(reason)),
         EventKind::ManifestRejected { reason }
         | EventKind::MalformedMessage { reason, .. }
-        | EventKind::CommandRejected { reason, .. } => (None, None, s(reason)),
+        | EventKind::CommandRejected { reason, .. }
+        | EventKind::TrustRejected { reason, .. } => (None, None, s(reason)),
         EventKind::ManifestAccepted { .. }
         | EventKind::ManifestReplayed { .. }
-        | EventKind::CommandApplied { .. } => (None, None, None),
+        | EventKind::CommandApplied { .. }
+        | EventKind::TrustUpdated { .. } => (None, None, None),
     }
 }
 
