@@ -389,6 +389,7 @@ impl<F: NorFlash> Device<F> {
             ram_free: self.limits.ram_budget.saturating_sub(self.ram_used()),
             last_error: self.last_error.clone(),
             at_ms: self.now_ms,
+            trust_epoch: Some(self.trust().0),
         }
     }
 
@@ -525,11 +526,13 @@ impl<F: NorFlash> Device<F> {
 
     fn link_up(&mut self) {
         self.link_up = true;
+        // First, so a broker delivers the retained chain before any deployment signed
+        // by a key the device is about to learn.
+        self.subscribe(Topic::Trust.render());
         for topic in self.deploy_topics.clone() {
             self.subscribe(topic);
         }
         self.subscribe(self.command_topic.clone());
-        self.subscribe(Topic::Trust.render());
         let presence = Topic::Presence(&self.config.device_id).render();
         self.report(presence, self.reporter.online(), true);
         self.status_dirty = true;

@@ -56,6 +56,14 @@ impl<F: NorFlash> Device<F> {
             self.event(EventKind::TrustUpdated {
                 epoch: reached.epoch,
             });
+            // A retained deployment sealed by a key just learnt may have been refused
+            // before the chain arrived: ask for it again.
+            if self.link_up {
+                for topic in self.deploy_topics.clone() {
+                    self.unsubscribe(topic.clone());
+                    self.subscribe(topic);
+                }
+            }
         }
         if let Some(error) = reached.error {
             self.event(EventKind::TrustRejected {

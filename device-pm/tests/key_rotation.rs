@@ -112,3 +112,17 @@ fn a_trust_update_not_signed_by_a_trusted_key_changes_nothing_and_is_reported() 
     w.publish(Topic::Trust.render(), Vec::new());
     assert_eq!(w.dev().trust(), (0, vec![golden::key().public()]));
 }
+
+#[test]
+fn a_deployment_refused_before_the_chain_arrived_installs_once_the_keys_are_learnt() {
+    let (old, new) = (golden::key(), new_key());
+    let mut w = World::new();
+    let hello = w.publish_module("hello", "1.0.0", &wasm("v1", 0, ""));
+    let d = w.deployment(vec![hello]);
+    w.deploy_signed(&new, &d);
+    assert_eq!(rejected(&w), ["signed by an untrusted key"]);
+    publish_chain(&mut w, vec![link(&old, 1, &[&old, &new])]);
+    w.advance(TURN_MS * HEALTH_TURNS as u64);
+    assert_eq!(w.modules(), vec![module_state("hello", "1.0.0", "running")]);
+    assert_eq!(w.dev().status().trust_epoch, Some(1));
+}

@@ -48,6 +48,7 @@ fn flood(
                     ram_free: 0,
                     last_error: None,
                     at_ms: u64::MAX / 2,
+                    trust_epoch: None,
                 };
                 let kind = if failing {
                     EventKind::Trapped {

@@ -79,6 +79,7 @@ pub fn status() -> DeviceStatus {
         ram_free: 96 * 1024,
         last_error: None,
         at_ms: 1_790_000_000_123,
+        trust_epoch: None,
     }
 }
 

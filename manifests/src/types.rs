@@ -227,6 +227,10 @@ pub struct DeviceStatus {
     /// Device clock, unix milliseconds, when the record was made.
     #[n(9)]
     pub at_ms: u64,
+    /// The epoch of the registry's trust chain the device has reached
+    /// (`crate::trust`); `None` from a device that does not follow the chain.
+    #[n(10)]
+    pub trust_epoch: Option<u64>,
 }
 
 /// Retained presence; the offline form is the device's MQTT last will.

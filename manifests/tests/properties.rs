@@ -130,6 +130,7 @@ fn status() -> impl Strategy<Value = DeviceStatus> {
                 ram_free,
                 last_error,
                 at_ms,
+                trust_epoch: None,
             },
         )
 }

@@ -74,6 +74,7 @@ pub async fn check_ingest(reg: &Registry) {
         ram_free: 90_000,
         last_error: Some("none really".into()),
         at_ms: 1_790_000_000_000,
+        trust_epoch: None,
     };
     let genuine = dev.seal(ReportBody::Status(status.clone()));
     dev.publish(Topic::Status(&id).render(), genuine.clone())

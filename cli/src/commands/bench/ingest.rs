@@ -72,6 +72,7 @@ fn report(device: &str, key: &KeyPair, counter: u64, at_ms: u64) -> (String, Vec
             ram_free: 90_000,
             last_error: None,
             at_ms,
+            trust_epoch: None,
         };
         (ReportBody::Status(status), Topic::Status(device))
     } else {

@@ -689,6 +689,7 @@ fn benchmarks(c: &mut Checks) -> Vec<Row> {
         ram_free: 90_000,
         last_error: None,
         at_ms: fixtures::EPOCH_S * 1000,
+        trust_epoch: None,
     };
     let plain = wpm_manifests::encode(&status).len();
     let (seal, sealed) = measure(|| {
