@@ -6,9 +6,10 @@
 //! after the fleet has moved, and distrusting a compromised one are all the same step.
 //! The registry publishes every update so far, oldest first, as one retained
 //! [`TrustChain`] on [`crate::Topic::Trust`]. A device applies, in order, the updates
-//! above its own epoch, each opened with the keys the one before left it ([`follow`]), so
-//! a device that slept through several rotations still arrives at today's keys, and one
-//! provisioned with only the first key follows the whole chain.
+//! above its own epoch that open with the keys the ones before left it ([`follow`]), so a
+//! device that slept through several rotations still arrives at today's keys, one
+//! provisioned with only the first key follows the whole chain, and one provisioned with
+//! a later key joins the chain where that key comes in.
 //!
 //! A key that signs an update can name any set: whoever steals a trusted signing key can
 //! also issue updates until a device has applied the one that distrusts it
@@ -90,9 +91,11 @@ impl Followed {
 }
 
 /// Follows `chain` (an encoded [`TrustChain`]) from `epoch` and `keys`: skips the
-/// updates at or below the epoch reached so far, opens the next with the keys in force
-/// and applies it, until the chain ends or an update is refused (the keys reached up to
-/// then stand). Pure.
+/// updates at or below the epoch reached so far, and applies each later one that opens
+/// with the keys in force at that point. An update that does not open is passed over (a
+/// device provisioned with a newer key cannot open the older links, and a forged link
+/// must not stop the real ones after it); if nothing after it applied, it is the error
+/// reported. Pure.
 pub fn follow(chain: &[u8], epoch: u64, keys: &[[u8; 32]]) -> Followed {
     let mut at = Followed {
         epoch,
@@ -117,7 +120,7 @@ pub fn follow(chain: &[u8], epoch: u64, keys: &[[u8; 32]]) -> Followed {
                     epoch: at.epoch,
                     error,
                 });
-                return at;
+                continue;
             }
         };
         if update.epoch <= at.epoch {
@@ -135,6 +138,7 @@ pub fn follow(chain: &[u8], epoch: u64, keys: &[[u8; 32]]) -> Followed {
         }
         at.epoch = update.epoch;
         at.keys = update.keys.iter().map(|k| **k).collect();
+        at.error = None;
     }
     at
 }
@@ -192,14 +196,11 @@ mod tests {
     }
 
     #[test]
-    fn an_update_signed_by_a_key_not_in_force_stops_the_walk() {
+    fn an_update_signed_by_a_key_not_in_force_is_passed_over() {
         let (a, b, thief) = (key(1), key(2), key(9));
-        let chain = chain(vec![
-            link(&a, 1, &[&a, &b]),
-            link(&thief, 2, &[&thief]),
-            link(&b, 3, &[&b]),
-        ]);
-        let f = follow(&chain, 0, &[a.public()]);
+        let forged = link(&thief, 2, &[&thief]);
+        let with_forgery_last = chain(vec![link(&a, 1, &[&a, &b]), forged.clone()]);
+        let f = follow(&with_forgery_last, 0, &[a.public()]);
         assert_eq!(f.epoch, 1);
         assert_eq!(f.keys, vec![a.public(), b.public()]);
         assert!(matches!(
@@ -209,6 +210,21 @@ mod tests {
                 error: OpenError::UnknownKey
             })
         ));
+        // A forgery in the middle does not stop the genuine update after it.
+        let in_the_middle = chain(vec![link(&a, 1, &[&a, &b]), forged, link(&b, 3, &[&b])]);
+        let f = follow(&in_the_middle, 0, &[a.public()]);
+        assert_eq!((f.epoch, f.keys), (3, vec![b.public()]));
+        assert!(f.error.is_none());
+    }
+
+    #[test]
+    fn a_device_provisioned_after_a_rotation_picks_up_where_its_key_comes_in() {
+        let (a, b) = (key(1), key(2));
+        let chain = chain(vec![link(&a, 1, &[&a, &b]), link(&b, 2, &[&b])]);
+        // Provisioned with b alone (epoch 0 on the device): link 1 does not open for it.
+        let f = follow(&chain, 0, &[b.public()]);
+        assert_eq!((f.epoch, f.keys), (2, vec![b.public()]));
+        assert!(f.error.is_none());
     }
 
     #[test]
