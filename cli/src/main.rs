@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use clap::{ArgAction, Args, Parser, Subcommand};
 
 use crate::commands::{
-    bench, broker, command, demo, deploy, fleet, identity, publish, rollout, sim, token,
+    bench, broker, command, demo, deploy, fleet, identity, keys, publish, rollout, sim, token,
 };
 
 const EXAMPLES: &str = "\
@@ -152,6 +152,10 @@ enum Command {
     /// Scoped API tokens (read, publish, deploy, admin), kept hashed by the registry
     #[command(subcommand)]
     Token(token::TokenCommand),
+
+    /// The registry's signing key: rotate it, retire old keys, distrust a compromised one
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
 
     /// Measure a rollout to simulated devices against the raw broker fan-out
     #[command(subcommand)]
@@ -320,6 +324,7 @@ impl Command {
             ) => &mut a.conn,
             Command::Rollout(r) => r.conn_mut(),
             Command::Token(t) => t.conn_mut(),
+            Command::Keys(k) => k.conn_mut(),
             Command::Sim(a) => &mut a.conn,
             Command::Bench(_) | Command::Registry(_) | Command::Broker(_) | Command::Demo(_) => {
                 return None
@@ -351,6 +356,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
         Command::Device(DeviceCommand::Evict(args)) => command::run(g, "evict", args).await,
         Command::Rollout(cmd) => rollout::run(g, cmd).await,
         Command::Token(cmd) => token::run(g, cmd).await,
+        Command::Keys(cmd) => keys::run(g, cmd).await,
         Command::Bench(cmd) => bench::run(g, cmd).await,
         Command::Registry(RegistryCommand::Serve(args)) => wpm_registry::serve(args).await,
         Command::Broker(BrokerCommand::Config(args)) => broker::config(args),

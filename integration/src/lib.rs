@@ -187,6 +187,11 @@ impl Env {
         Ok((fleet, devices))
     }
 
+    /// The registry's data directory (its key files).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._data.path()
+    }
+
     /// Configuration for `n` simulated devices in `group`, trusting this registry.
     pub fn fleet_config(&self, n: usize, group: &str) -> wpm_sim::FleetConfig {
         let mut config = wpm_sim::FleetConfig::new(

@@ -6,16 +6,17 @@
 use crate::db::{Db, DeploymentRow, DesiredChange, ModuleRow};
 use crate::keys;
 use crate::publish::Publisher;
+use crate::signer::Signer;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Mutex};
-use wpm_manifests::{Deployment, HealthWindow, KeyPair, Target};
+use wpm_manifests::{Deployment, HealthWindow, Target};
 
 /// What deploying needs.
 pub struct Deployer {
     pub db: Db,
-    pub key: Arc<KeyPair>,
+    pub signer: Arc<Signer>,
     pub publisher: Arc<Publisher>,
     pub manifest_ttl: Duration,
     /// Deployments are recorded and published one at a time, so the retained deployment
@@ -54,7 +55,7 @@ impl Deployer {
                     modules: desired.iter().map(ModuleRow::module_ref).collect(),
                     health,
                 };
-                let sealed = keys::seal_deployment(&self.key, &d);
+                let sealed = keys::seal_deployment(&self.signer.key(), &d);
                 built = Some(d);
                 (sealed, (expires_at as i64).saturating_mul(1000))
             })
@@ -92,7 +93,7 @@ impl Deployer {
                     health,
                 };
                 (
-                    keys::seal_deployment(&self.key, &d),
+                    keys::seal_deployment(&self.signer.key(), &d),
                     (expires_at as i64).saturating_mul(1000),
                 )
             })
@@ -136,9 +137,20 @@ impl Deployer {
     pub async fn renew_expiring(&self) -> anyhow::Result<usize> {
         let now_ms = crate::db::now_ms();
         let half = i64::try_from(self.manifest_ttl.as_millis() / 2).unwrap_or(i64::MAX);
+        self.renew(|d| d.expires_at - now_ms < half).await
+    }
+
+    /// Issues every target's newest deployment again, sealed by the current key (after
+    /// a key rotation).
+    pub async fn reissue_all(&self) -> anyhow::Result<usize> {
+        self.renew(|_| true).await
+    }
+
+    /// Issues again, unchanged, the newest deployments `due` picks.
+    async fn renew(&self, due: impl Fn(&DeploymentRow) -> bool) -> anyhow::Result<usize> {
         let mut renewed = 0;
         for d in self.db.latest_deployments().await? {
-            if d.expires_at - now_ms < half {
+            if due(&d) {
                 let (new, _) = self
                     .deploy(&d.target, &DesiredChange::Keep, d.health)
                     .await?;

@@ -8,6 +8,8 @@ use wpm_manifests::{Deployment, KeyPair, ModuleManifest};
 /// File names inside the data directory.
 pub const SIGNING_KEY_FILE: &str = "signing.key";
 pub const PUBLIC_KEY_FILE: &str = "registry.pub";
+/// The key a rotation in progress will sign with (`crate::trust`).
+pub const NEXT_SIGNING_KEY_FILE: &str = "signing-next.key";
 pub const TOKEN_FILE: &str = "api-token";
 pub const CLIENT_ID_FILE: &str = "mqtt-client-id";
 pub const BROKER_PASSWORD_FILE: &str = "broker-password";
@@ -41,34 +43,89 @@ fn write_secret(path: &Path, contents: &str) -> anyhow::Result<()> {
 /// generates it on first start. Also (re)writes DATA_DIR/registry.pub (hex public key).
 pub fn load_or_create_signing_key(data_dir: &Path) -> anyhow::Result<KeyPair> {
     let path = data_dir.join(SIGNING_KEY_FILE);
-    let key = if path.exists() {
-        let raw = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let seed: [u8; 32] = if raw.len() == 32 {
-            raw.try_into().expect("length checked")
-        } else {
-            let text = std::str::from_utf8(&raw)
-                .ok()
-                .map(str::trim)
-                .unwrap_or_default();
-            let mut seed = [0u8; 32];
-            hex::decode_to_slice(text, &mut seed).with_context(|| {
-                format!(
-                    "{} is not a hex ed25519 seed (64 hex digits)",
-                    path.display()
-                )
-            })?;
-            seed
-        };
-        KeyPair::from_seed(&seed)
-    } else {
-        let seed = random_bytes()?;
-        write_secret(&path, &format!("{}\n", hex::encode(seed)))?;
-        tracing::info!(path = %path.display(), "generated a new registry signing key");
-        KeyPair::from_seed(&seed)
+    let key = match read_key(&path)? {
+        Some(key) => key,
+        None => {
+            let seed = random_bytes()?;
+            write_secret(&path, &format!("{}\n", hex::encode(seed)))?;
+            tracing::info!(path = %path.display(), "generated a new registry signing key");
+            KeyPair::from_seed(&seed)
+        }
     };
+    write_public_key(data_dir, &key)?;
+    Ok(key)
+}
+
+/// The key in `path` (a hex ed25519 seed, or 32 raw bytes), if the file exists.
+fn read_key(path: &Path) -> anyhow::Result<Option<KeyPair>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let seed: [u8; 32] = if raw.len() == 32 {
+        raw.try_into().expect("length checked")
+    } else {
+        let text = std::str::from_utf8(&raw)
+            .ok()
+            .map(str::trim)
+            .unwrap_or_default();
+        let mut seed = [0u8; 32];
+        hex::decode_to_slice(text, &mut seed).with_context(|| {
+            format!(
+                "{} is not a hex ed25519 seed (64 hex digits)",
+                path.display()
+            )
+        })?;
+        seed
+    };
+    Ok(Some(KeyPair::from_seed(&seed)))
+}
+
+fn write_public_key(data_dir: &Path, key: &KeyPair) -> anyhow::Result<()> {
     let pub_path = data_dir.join(PUBLIC_KEY_FILE);
     std::fs::write(&pub_path, format!("{}\n", hex::encode(key.public())))
-        .with_context(|| format!("writing {}", pub_path.display()))?;
+        .with_context(|| format!("writing {}", pub_path.display()))
+}
+
+/// Generates the key a rotation will sign with and keeps it in
+/// DATA_DIR/signing-next.key (a leftover from a rotation that never recorded its update
+/// is replaced).
+pub fn create_next_signing_key(data_dir: &Path) -> anyhow::Result<KeyPair> {
+    let path = data_dir.join(NEXT_SIGNING_KEY_FILE);
+    discard_next_signing_key(data_dir)?;
+    let seed = random_bytes()?;
+    write_secret(&path, &format!("{}\n", hex::encode(seed)))?;
+    Ok(KeyPair::from_seed(&seed))
+}
+
+/// The key a rotation left in DATA_DIR/signing-next.key, if any.
+pub fn next_signing_key(data_dir: &Path) -> anyhow::Result<Option<KeyPair>> {
+    read_key(&data_dir.join(NEXT_SIGNING_KEY_FILE))
+}
+
+pub fn discard_next_signing_key(data_dir: &Path) -> anyhow::Result<()> {
+    let path = data_dir.join(NEXT_SIGNING_KEY_FILE);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Makes the next key the signing key: one rename, so a crash leaves the old key or
+/// the new one in DATA_DIR/signing.key, never neither; the old key is gone after it.
+pub fn promote_next_signing_key(data_dir: &Path) -> anyhow::Result<KeyPair> {
+    let next = data_dir.join(NEXT_SIGNING_KEY_FILE);
+    let key = read_key(&next)?.context("no next signing key to promote")?;
+    let current = data_dir.join(SIGNING_KEY_FILE);
+    std::fs::rename(&next, &current)
+        .with_context(|| format!("renaming {} to {}", next.display(), current.display()))?;
+    // The rename is durable once the directory is.
+    std::fs::File::open(data_dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", data_dir.display()))?;
+    write_public_key(data_dir, &key)?;
     Ok(key)
 }
 

@@ -17,6 +17,8 @@ pub mod keys;
 pub mod publish;
 pub mod retained_guard;
 pub mod rollout;
+pub mod signer;
+pub mod trust;
 
 pub use config::{Config, ServeArgs};
 
@@ -39,7 +41,7 @@ pub struct Registry {
     http_scheme: &'static str,
     mqtt_url: String,
     token: String,
-    public_key: [u8; 32],
+    signer: Arc<signer::Signer>,
     stop: watch::Sender<bool>,
     http_task: tokio::task::JoinHandle<std::io::Result<()>>,
     renew_task: tokio::task::JoinHandle<()>,
@@ -68,9 +70,12 @@ impl Registry {
         );
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
-        let key = Arc::new(keys::load_or_create_signing_key(&config.data_dir)?);
         let token = keys::load_or_create_token(&config.data_dir, config.token.as_deref())?;
         let db = db::Db::connect(&config.database_url()).await?;
+        trust::recover(&config.data_dir, &db).await?;
+        let signer = Arc::new(signer::Signer::new(keys::load_or_create_signing_key(
+            &config.data_dir,
+        )?));
 
         let max_packet = config.max_packet_size();
         let mut embedded = None;
@@ -118,7 +123,7 @@ impl Registry {
 
         let (stop, stop_rx) = watch::channel(false);
         let publisher = Arc::new(
-            publish::Publisher::connect(&settings, key.clone(), stop_rx.clone())
+            publish::Publisher::connect(&settings, signer.clone(), stop_rx.clone())
                 .await
                 .with_context(|| format!("MQTT broker {mqtt_url}"))?,
         );
@@ -155,7 +160,7 @@ impl Registry {
 
         let deployer = Arc::new(deploy::Deployer {
             db: db.clone(),
-            key: key.clone(),
+            signer: signer.clone(),
             publisher: publisher.clone(),
             manifest_ttl: config.manifest_ttl,
             lock: tokio::sync::Mutex::new(()),
@@ -186,7 +191,8 @@ impl Registry {
         ];
         let state = Arc::new(http::AppState {
             db: db.clone(),
-            key: key.clone(),
+            signer: signer.clone(),
+            data_dir: config.data_dir.clone(),
             token: token.clone(),
             deployer,
             stats,
@@ -223,7 +229,7 @@ impl Registry {
             http_scheme,
             mqtt_url,
             token,
-            public_key: key.public(),
+            signer,
             stop,
             http_task,
             renew_task,
@@ -268,7 +274,7 @@ impl Registry {
 
     /// The ed25519 key devices must trust.
     pub fn public_key(&self) -> [u8; 32] {
-        self.public_key
+        self.signer.key().public()
     }
 
     /// Stops the HTTP API, the MQTT clients (flushing the ingest), the embedded broker,

@@ -3,6 +3,7 @@
 
 use crate::db::{Db, DeploymentRow, ModuleRow};
 use crate::keys;
+use crate::signer::Signer;
 use anyhow::Context as _;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
@@ -11,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Mutex};
-use wpm_manifests::{encode, sha256, Chunk, KeyPair, ModuleManifest, Topic};
+use wpm_manifests::{encode, sha256, Chunk, ModuleManifest, Topic};
 
 /// MQTT connection settings shared by the registry's clients (all MQTT 5).
 #[derive(Clone, Debug)]
@@ -109,7 +110,7 @@ struct Retained {
 /// The registry's publishing connection.
 pub struct Publisher {
     client: AsyncClient,
-    key: Arc<KeyPair>,
+    signer: Arc<Signer>,
     /// Modules whose chunks and manifest this process has already published: the broker
     /// retains them, so a later deployment of the same bytes need not send them again.
     published: Mutex<HashSet<[u8; 32]>>,
@@ -125,7 +126,7 @@ pub struct Publisher {
 impl Publisher {
     pub async fn connect(
         settings: &MqttSettings,
-        key: Arc<KeyPair>,
+        signer: Arc<Signer>,
         stop: watch::Receiver<bool>,
     ) -> anyhow::Result<Publisher> {
         let (client, eventloop) = AsyncClient::new(settings.options(client_id("pub")), 1024);
@@ -134,7 +135,7 @@ impl Publisher {
         wait_connected(rx.clone(), "publisher", Duration::from_secs(10)).await?;
         Ok(Publisher {
             client,
-            key,
+            signer,
             published: Mutex::new(HashSet::new()),
             retained: Default::default(),
             connected: rx,
@@ -234,7 +235,7 @@ impl Publisher {
         };
         self.publish(
             Topic::ModuleManifest(&module.sha256).render(),
-            keys::seal_module_manifest(&self.key, &manifest),
+            keys::seal_module_manifest(&self.signer.key(), &manifest),
         )
         .await?;
         published.insert(module.sha256);
@@ -253,6 +254,11 @@ impl Publisher {
         Ok(())
     }
 
+    /// Retains the trust chain (`crate::trust`).
+    pub async fn publish_trust(&self, chain: Vec<u8>) -> anyhow::Result<()> {
+        self.publish(Topic::Trust.render(), chain).await
+    }
+
     /// Sends a sealed command to one device, QoS 1 and not retained: a command is for
     /// now, and a retained one would be carried out again by a device that reconnects.
     pub async fn publish_command(&self, device: &str, sealed: Vec<u8>) -> anyhow::Result<()> {
@@ -267,11 +273,18 @@ impl Publisher {
     }
 }
 
-/// Publishes everything deployed: the modules of every desired set, then the newest
-/// deployment of every target. The broker may have lost its retained messages (the
+/// Publishes everything deployed: the trust chain, the modules of every desired set,
+/// then the newest deployment of every target. The broker may have lost its retained messages (the
 /// embedded one keeps them in memory only), so this runs on every start. Publishing the same retained
 /// bytes again is harmless, so replicas can all do it.
 pub async fn republish_all(db: &Db, publisher: &Publisher) -> anyhow::Result<()> {
+    // The chain before any deployment sealed by a key it introduces.
+    let chain = db.trust_chain().await?;
+    if !chain.is_empty() {
+        publisher
+            .publish_trust(crate::trust::chain_payload(&chain))
+            .await?;
+    }
     let modules = db.desired_modules().await?;
     for m in &modules {
         let wasm = db.module_wasm(&m.name, &m.version).await?;

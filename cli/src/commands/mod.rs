@@ -7,6 +7,7 @@ pub mod demo;
 pub mod deploy;
 pub mod fleet;
 pub mod identity;
+pub mod keys;
 pub mod publish;
 pub mod rollout;
 pub mod sim;

@@ -29,6 +29,8 @@ pub struct StatusWrite {
     /// so a registry restart does not make every device look freshly seen.
     pub seen_at: i64,
     pub modules: Vec<DeviceModule>,
+    /// The trust chain epoch the device says it reached (`crate::trust`).
+    pub trust_epoch: Option<i64>,
 }
 
 /// A digest of a status's groups and modules.
@@ -192,7 +194,7 @@ impl Db {
             let sql = format!(
                 "INSERT INTO devices (id, groups_json, online, last_seen, sequence, slots_used, \
                  slots_total, flash_free, ram_free, last_error, rows_digest, status, status_at, \
-                 status_counter) \
+                 status_counter, trust_epoch) \
                  VALUES {} \
                  ON CONFLICT (id) DO UPDATE SET groups_json = excluded.groups_json, \
                  last_seen = CASE WHEN excluded.last_seen > devices.last_seen \
@@ -202,10 +204,10 @@ impl Db {
                  ram_free = excluded.ram_free, last_error = excluded.last_error, \
                  rows_digest = excluded.rows_digest, \
                  status = excluded.status, status_at = excluded.status_at, \
-                 status_counter = excluded.status_counter \
+                 status_counter = excluded.status_counter, trust_epoch = excluded.trust_epoch \
                  WHERE devices.status_counter < excluded.status_counter \
                  RETURNING id",
-                placeholders(chunk.len(), 14, 1)
+                placeholders(chunk.len(), 15, 1)
             );
             let mut q = self.statement(sql);
             for s in chunk {
@@ -223,7 +225,8 @@ impl Db {
                     .bind(s.rows_digest.to_vec())
                     .bind(s.status.clone())
                     .bind(s.status_at)
-                    .bind(s.counter);
+                    .bind(s.counter)
+                    .bind(s.trust_epoch);
             }
             let written: HashSet<String> = q
                 .fetch_all(&mut **tx)

@@ -18,6 +18,7 @@ mod identities;
 mod modules;
 mod rollouts;
 mod tokens;
+mod trust;
 
 pub use deployments::{DeploymentRow, DesiredChange};
 pub use devices::{

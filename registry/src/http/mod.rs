@@ -2,6 +2,7 @@
 //! `{"error": "..."}`.
 
 mod identities;
+mod keys;
 mod modules;
 mod rollouts;
 mod tokens;
@@ -22,14 +23,14 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use wpm_manifests::{
-    valid_name, Action, Command, Deployment, HealthWindow, KeyPair, Sealed, Target,
-};
+use wpm_manifests::{valid_name, Action, Command, Deployment, HealthWindow, Sealed, Target};
 
 /// Everything the handlers share.
 pub struct AppState {
     pub db: Db,
-    pub key: Arc<KeyPair>,
+    pub signer: Arc<crate::signer::Signer>,
+    /// Where the signing key lives (a rotation writes the next one there).
+    pub data_dir: std::path::PathBuf,
     pub token: String,
     pub deployer: Arc<Deployer>,
     pub stats: Arc<IngestStats>,
@@ -113,13 +114,15 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/rollouts/{id}/{action}", post(rollouts::rollout_action))
         .route("/v1/tokens", get(tokens::list).post(tokens::create))
         .route("/v1/tokens/{id}/revoke", post(tokens::revoke))
+        .route("/v1/keys/rotate", post(keys::rotate))
+        .route("/v1/keys/retire", post(keys::retire))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             tokens::auth,
         ));
     Router::new()
         .route("/v1/health", get(health))
-        .route("/v1/keys", get(public_keys))
+        .route("/v1/keys", get(keys::show))
         .merge(authed)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         // The upload handler enforces the real limit with a JSON answer; this one only
@@ -171,10 +174,6 @@ async fn health(State(state): State<Shared>) -> Json<Value> {
             "repaired": state.retained.repaired.load(Ordering::Relaxed),
         },
     }))
-}
-
-async fn public_keys(State(state): State<Shared>) -> Json<Value> {
-    Json(json!({ "public_key": hex::encode(state.key.public()) }))
 }
 
 #[derive(Deserialize)]
@@ -439,7 +438,7 @@ async fn device_command(
     state
         .deployer
         .publisher
-        .publish_command(&id, state.key.seal(&command))
+        .publish_command(&id, state.signer.key().seal(&command))
         .await?;
     tracing::info!(device = %id, sequence, action = command.action.verb(), module = command.action.module(), "command sent");
     Ok((

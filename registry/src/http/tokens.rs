@@ -9,7 +9,7 @@
 //! | `read` | every `GET` (fleet, modules, deployments, rollouts, devices, events) |
 //! | `publish` | `read`, and upload modules |
 //! | `deploy` | `read`, and deploy, run rollouts and send device commands |
-//! | `admin` | everything: also register, revoke and remove devices, and manage tokens |
+//! | `admin` | everything: also register, revoke and remove devices, manage tokens, and rotate and retire signing keys |
 
 use super::{ApiError, ApiResult, Shared};
 use crate::keys;
@@ -53,7 +53,7 @@ impl Scope {
 
 /// The scope a request needs. Pure.
 pub fn needed(method: &Method, path: &str) -> Scope {
-    if path.starts_with("/v1/tokens") {
+    if path.starts_with("/v1/tokens") || (path.starts_with("/v1/keys/") && method != Method::GET) {
         Scope::Admin
     } else if method == Method::GET {
         Scope::Read
@@ -214,6 +214,8 @@ mod tests {
             (Method::POST, "/v1/devices/d1/revoke", Admin),
             (Method::DELETE, "/v1/devices/d1", Admin),
             (Method::GET, "/v1/tokens", Admin),
+            (Method::POST, "/v1/keys/rotate", Admin),
+            (Method::POST, "/v1/keys/retire", Admin),
         ];
         for (method, path, scope) in cases {
             assert_eq!(needed(&method, path), scope, "{method} {path}");

@@ -314,6 +314,7 @@ fn status_write(
             .expect("16 of 32 bytes"),
         status: wpm_manifests::encode(&s),
         status_at: i64::try_from(s.at_ms).unwrap_or(i64::MAX),
+        trust_epoch: s.trust_epoch.map(|e| i64::try_from(e).unwrap_or(i64::MAX)),
         counter,
         // A retained copy says nothing about when the device was last alive; the
         // device's own clock is not taken for it.

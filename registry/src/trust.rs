@@ -1,0 +1,203 @@
+//! Key rotation on the registry's side: issuing the trust chain devices follow
+//! ([`wpm_manifests::trust`]).
+//!
+//! * [`rotate`]: a new key joins the set, in an update sealed by the current key; the
+//!   registry signs with the new key from then on, and publishes again, sealed by it,
+//!   every module manifest and deployment it retains.
+//! * [`retire`]: once every registered device reports the new epoch, an update sealed by
+//!   the new key drops the old ones. With `force` it does not wait: that is how a
+//!   compromised key is distrusted (rotate away from it, then retire at once).
+//!
+//! A rotation is crash safe: the next key is written to its own file before its update
+//! is recorded, and only then renamed over the signing key; [`recover`] finishes or
+//! undoes one that was cut short.
+
+use crate::db::Db;
+use crate::deploy::Deployer;
+use crate::keys;
+use anyhow::Context as _;
+use std::path::Path;
+use tokio::sync::Mutex;
+use wpm_manifests::trust::MAX_TRUSTED_KEYS;
+use wpm_manifests::{Sealed, TrustChain, TrustUpdate};
+
+/// One rotation or retirement at a time in this process (replicas are kept apart by the
+/// chain's primary key).
+static CHANGING: Mutex<()> = Mutex::const_new(());
+
+/// Where the registry and its fleet stand on the trust chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustView {
+    /// The newest update's epoch (0: never rotated).
+    pub epoch: u64,
+    /// The keys devices trust at that epoch.
+    pub keys: Vec<[u8; 32]>,
+    /// The key the registry signs with.
+    pub signing_key: [u8; 32],
+    /// Registered, unrevoked devices that have not reported reaching `epoch`.
+    pub devices_behind: i64,
+}
+
+/// Why a retirement did not happen.
+#[derive(Debug)]
+pub enum RetireError {
+    /// Devices trust the signing key alone already.
+    NothingToRetire,
+    /// Devices that would lose every key they trust if the old ones went now.
+    FleetBehind {
+        epoch: u64,
+        devices: i64,
+    },
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for RetireError {
+    fn from(e: anyhow::Error) -> Self {
+        RetireError::Failed(e)
+    }
+}
+
+/// The epoch and key set of the newest update of `chain`; `(0, [signing])` before the
+/// first rotation.
+fn newest(chain: &[(u64, Vec<u8>)], signing: [u8; 32]) -> anyhow::Result<(u64, Vec<[u8; 32]>)> {
+    let Some((_, sealed)) = chain.last() else {
+        return Ok((0, vec![signing]));
+    };
+    // The registry's own record: read, not verified.
+    let sealed: Sealed = wpm_manifests::decode(sealed).context("a stored trust update")?;
+    let update: TrustUpdate =
+        wpm_manifests::decode(&sealed.body).context("a stored trust update")?;
+    Ok((update.epoch, update.keys.iter().map(|k| **k).collect()))
+}
+
+/// The retained payload of [`wpm_manifests::Topic::Trust`].
+pub fn chain_payload(chain: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    wpm_manifests::encode(&TrustChain {
+        links: chain.iter().map(|(_, s)| s.clone().into()).collect(),
+    })
+}
+
+/// Where things stand.
+///
+/// # Errors
+/// When the database cannot be read.
+pub async fn view(db: &Db, signing: [u8; 32]) -> anyhow::Result<TrustView> {
+    let (epoch, keys) = newest(&db.trust_chain().await?, signing)?;
+    Ok(TrustView {
+        devices_behind: db.devices_behind(epoch).await?,
+        epoch,
+        keys,
+        signing_key: signing,
+    })
+}
+
+/// Issues the update that adds a new key (sealed by the current one), signs with the
+/// new key from now on, and publishes the chain and everything retained again.
+///
+/// # Errors
+/// When the set is full (retire first), another replica recorded the same epoch first,
+/// or the key file, the database or the broker fails; a failure before the update is
+/// recorded leaves the old key signing.
+pub async fn rotate(data_dir: &Path, d: &Deployer) -> anyhow::Result<TrustView> {
+    let _one = CHANGING.lock().await;
+    let current = d.signer.key();
+    let (epoch, mut set) = newest(&d.db.trust_chain().await?, current.public())?;
+    anyhow::ensure!(
+        set.len() < MAX_TRUSTED_KEYS,
+        "devices already trust {} keys, the most they keep: retire the old ones first",
+        set.len()
+    );
+    let next = keys::create_next_signing_key(data_dir)?;
+    set.push(next.public());
+    let update = TrustUpdate {
+        epoch: epoch + 1,
+        keys: set.iter().map(|k| (*k).into()).collect(),
+    };
+    if !d
+        .db
+        .add_trust_link(epoch + 1, &current.seal(&update))
+        .await?
+    {
+        keys::discard_next_signing_key(data_dir)?;
+        anyhow::bail!("another registry recorded trust epoch {} first", epoch + 1);
+    }
+    let key = keys::promote_next_signing_key(data_dir)?;
+    let public = key.public();
+    d.signer.replace(key);
+    tracing::info!(epoch = epoch + 1, key = %hex::encode(public), "rotated the signing key");
+    // Chain first (republish puts it before any deployment), then everything the old key
+    // sealed, sealed by the new one.
+    d.republish().await?;
+    d.reissue_all().await?;
+    view(&d.db, public).await
+}
+
+/// Issues the update that leaves the signing key alone in the set (sealed by it), once
+/// every registered device reports the newest epoch, or at once with `force`.
+///
+/// # Errors
+/// [`RetireError::NothingToRetire`], [`RetireError::FleetBehind`] (without `force`), or
+/// a database or broker failure.
+pub async fn retire(d: &Deployer, force: bool) -> Result<TrustView, RetireError> {
+    let _one = CHANGING.lock().await;
+    let current = d.signer.key();
+    let (epoch, set) = newest(&d.db.trust_chain().await?, current.public())?;
+    if set == [current.public()] {
+        return Err(RetireError::NothingToRetire);
+    }
+    let behind = d.db.devices_behind(epoch).await?;
+    if behind > 0 && !force {
+        return Err(RetireError::FleetBehind {
+            epoch,
+            devices: behind,
+        });
+    }
+    let update = TrustUpdate {
+        epoch: epoch + 1,
+        keys: vec![current.public().into()],
+    };
+    if !d
+        .db
+        .add_trust_link(epoch + 1, &current.seal(&update))
+        .await?
+    {
+        return Err(
+            anyhow::anyhow!("another registry recorded trust epoch {} first", epoch + 1).into(),
+        );
+    }
+    tracing::info!(
+        epoch = epoch + 1,
+        forced = force,
+        behind,
+        "retired the old signing keys"
+    );
+    d.publisher
+        .publish_trust(chain_payload(&d.db.trust_chain().await?))
+        .await?;
+    Ok(view(&d.db, current.public()).await?)
+}
+
+/// At start, before the signing key is read: finishes a rotation whose update was
+/// recorded but whose key was not yet in place, or drops the next key of one that never
+/// recorded its update.
+///
+/// # Errors
+/// When the key files or the database cannot be read or changed.
+pub async fn recover(data_dir: &Path, db: &Db) -> anyhow::Result<()> {
+    let Some(next) = keys::next_signing_key(data_dir)? else {
+        return Ok(());
+    };
+    let chain = db.trust_chain().await?;
+    let recorded = match chain.last() {
+        Some(_) => newest(&chain, [0; 32])?.1.contains(&next.public()),
+        None => false,
+    };
+    if recorded {
+        keys::promote_next_signing_key(data_dir)?;
+        tracing::warn!("finished a key rotation that was cut short");
+    } else {
+        keys::discard_next_signing_key(data_dir)?;
+        tracing::warn!("dropped the key of a rotation that never recorded its update");
+    }
+    Ok(())
+}
