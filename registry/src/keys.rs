@@ -138,6 +138,14 @@ pub fn load_or_create_token(data_dir: &Path, given: Option<&str>) -> anyhow::Res
     load_or_create_secret(&data_dir.join(TOKEN_FILE), "API token")
 }
 
+/// The id the bootstrap token is listed and revoked under: `bootstrap-` and the start of
+/// its secret's sha256, so a new secret in the data directory is a new, unrevoked token,
+/// and replicas started with different secrets do not share one row.
+pub fn bootstrap_token_id(token: &str) -> String {
+    let hash = wpm_manifests::sha256(token.as_bytes());
+    format!("bootstrap-{}", hex::encode(&hash[..6]))
+}
+
 /// The password the registry's own MQTT clients log in to the embedded broker with
 /// (username `wpm-registry`): DATA_DIR/broker-password, generated on first start.
 pub fn load_or_create_broker_password(data_dir: &Path) -> anyhow::Result<String> {

@@ -72,6 +72,11 @@ impl Registry {
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
         let token = keys::load_or_create_token(&config.data_dir, config.token.as_deref())?;
         let db = db::Db::connect(&config.database_url()).await?;
+        db.ensure_bootstrap_token(
+            &keys::bootstrap_token_id(&token),
+            &wpm_manifests::sha256(token.as_bytes()),
+        )
+        .await?;
         trust::recover(&config.data_dir, &db).await?;
         let signer = Arc::new(signer::Signer::new(keys::load_or_create_signing_key(
             &config.data_dir,

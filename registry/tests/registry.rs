@@ -224,6 +224,7 @@ async fn sqlite_embedded_broker() {
     check_ingest(&reg).await;
     check_broker_gate(&reg).await;
     check_scoped_tokens(&reg).await;
+    check_bootstrap_revocation(&reg).await;
     reg.shutdown().await.unwrap();
 }
 
@@ -272,6 +273,7 @@ async fn postgres_mosquitto() {
     check_deploy_publishes(&reg).await;
     check_ingest(&reg).await;
     check_scoped_tokens(&reg).await;
+    check_bootstrap_revocation(&reg).await;
     reg.shutdown().await.unwrap();
     pg.drop().await;
 }

@@ -79,4 +79,33 @@ impl Db {
         .await?;
         Ok(r.rows_affected() == 1)
     }
+
+    /// Unrevoked admin tokens other than `id`.
+    pub async fn other_live_admins(&self, id: &str) -> anyhow::Result<i64> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM api_tokens \
+             WHERE scope = 'admin' AND revoked_at IS NULL AND id <> $1",
+        )
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("n")?)
+    }
+
+    /// Records the bootstrap token (the data directory's, or `--token`) under `id`, so it
+    /// is listed and can be revoked like any other; a row already there (perhaps
+    /// revoked) is left as it is.
+    pub async fn ensure_bootstrap_token(&self, id: &str, secret_hash: &[u8]) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO api_tokens (id, name, scope, secret_hash, created_at) \
+             VALUES ($1, 'bootstrap (data directory or --token)', 'admin', $2, $3) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(secret_hash.to_vec())
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
 }

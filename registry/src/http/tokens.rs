@@ -2,7 +2,9 @@
 //!
 //! A token is `wpm_<id>_<secret>`: the registry keeps its id, name, scope and the sha256
 //! of its secret, never the secret (a copy of the database grants nothing). The token in
-//! `<data-dir>/api-token`, made at first start, is an admin token. Scopes:
+//! `<data-dir>/api-token` (or `--token`), made at first start, is an admin token, listed
+//! as `bootstrap-…` and revocable like the others once another admin token exists.
+//! Scopes:
 //!
 //! | scope | may |
 //! |---|---|
@@ -76,11 +78,15 @@ fn split(token: &str) -> Option<(&str, &str)> {
 
 /// The scope of a presented token; `None` for a wrong, unknown or revoked one.
 async fn scope_of(state: &Shared, token: &str) -> ApiResult<Option<Scope>> {
-    if keys::constant_time_eq(token.as_bytes(), state.token.as_bytes()) {
-        return Ok(Some(Scope::Admin));
-    }
-    let Some((id, secret)) = split(token) else {
-        return Ok(None);
+    let bootstrap;
+    let (id, secret) = if keys::constant_time_eq(token.as_bytes(), state.token.as_bytes()) {
+        bootstrap = keys::bootstrap_token_id(token);
+        (bootstrap.as_str(), token)
+    } else {
+        match split(token) {
+            Some(parts) => parts,
+            None => return Ok(None),
+        }
     };
     let Some((scope, hash)) = state.db.live_token(id).await? else {
         return Ok(None);
@@ -186,6 +192,18 @@ pub(super) async fn revoke(
     State(state): State<Shared>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
+    let live = state.db.live_token(&id).await?;
+    if live.is_some_and(|(scope, _)| scope == Scope::Admin.as_str())
+        && state.db.other_live_admins(&id).await? == 0
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "{id} is the last admin token: create another first \
+                 (wpm token create NAME --scope admin)"
+            ),
+        ));
+    }
     if !state.db.revoke_token(&id).await? {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

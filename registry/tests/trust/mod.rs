@@ -4,7 +4,7 @@
 
 mod tokens;
 
-pub use tokens::check_scoped_tokens;
+pub use tokens::{check_bootstrap_revocation, check_scoped_tokens};
 
 use super::WAIT;
 use crate::common::*;

@@ -106,3 +106,46 @@ pub async fn check_scoped_tokens(reg: &Registry) {
     let forged = with_token(&admin, &format!("wpm_{id}_{secret}"));
     assert_eq!(forged.get("/v1/fleet/status").await.0, 401);
 }
+
+/// The bootstrap token is listed and can be revoked, but never the last admin token.
+/// Leaves the registry with no bootstrap token: run it last.
+pub async fn check_bootstrap_revocation(reg: &Registry) {
+    let bootstrap = Api::new(reg);
+    let (status, list) = bootstrap.get("/v1/tokens").await;
+    assert_eq!(status, 200, "{list}");
+    let live_admins: Vec<String> = (list["tokens"].as_array().unwrap().iter())
+        .filter(|t| t["scope"] == "admin" && t["revoked_at_ms"].is_null())
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect();
+    let boot = (live_admins.iter())
+        .find(|id| id.starts_with("bootstrap-"))
+        .expect("the bootstrap token is listed")
+        .clone();
+    for id in live_admins.iter().filter(|id| **id != boot) {
+        let path = format!("/v1/tokens/{id}/revoke");
+        assert_eq!(bootstrap.send(Method::POST, &path, None).await.0, 200);
+    }
+    // Alone, it cannot be revoked: that would lock every operator out.
+    let path = format!("/v1/tokens/{boot}/revoke");
+    let (status, answer) = bootstrap.send(Method::POST, &path, None).await;
+    assert_eq!(status, 409, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("last admin token"),
+        "{answer}"
+    );
+    let (status, t) = bootstrap
+        .send(
+            Method::POST,
+            "/v1/tokens",
+            Some(json!({"name": "ops", "scope": "admin"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{t}");
+    let ops = with_token(&bootstrap, t["token"].as_str().unwrap());
+    assert_eq!(ops.send(Method::POST, &path, None).await.0, 200);
+    assert_eq!(bootstrap.get("/v1/fleet/status").await.0, 401);
+    assert_eq!(ops.get("/v1/fleet/status").await.0, 200);
+}
