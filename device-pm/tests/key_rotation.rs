@@ -12,12 +12,8 @@ fn new_key() -> KeyPair {
 }
 
 fn link(signer: &KeyPair, epoch: u64, keys: &[&KeyPair]) -> ByteVec {
-    signer
-        .seal(&TrustUpdate {
-            epoch,
-            keys: keys.iter().map(|k| k.public().into()).collect(),
-        })
-        .into()
+    let keys: Vec<[u8; 32]> = keys.iter().map(|k| k.public()).collect();
+    TrustUpdate::seal(signer, epoch, &keys).into()
 }
 
 fn publish_chain(w: &mut World, links: Vec<ByteVec>) {

@@ -238,12 +238,9 @@ fn a_trust_update_survives_a_cut_anywhere() {
         setup: World::new,
         step: |w| {
             let [old, new] = keys();
-            let update = TrustUpdate {
-                epoch: 1,
-                keys: vec![old.public().into(), new.public().into()],
-            };
+            let update = TrustUpdate::seal(&old, 1, &[old.public(), new.public()]);
             let chain = TrustChain {
-                links: vec![old.seal(&update).into()],
+                links: vec![update.into()],
             };
             w.publish(Topic::Trust.render(), wpm_manifests::encode(&chain));
         },

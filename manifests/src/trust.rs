@@ -40,6 +40,17 @@ impl SignedBody for TrustUpdate {
     const CONTEXT: &'static [u8] = b"wpm/v1/trust-update\0";
 }
 
+impl TrustUpdate {
+    /// The update to `epoch` trusting `keys`, sealed by `signer` (a key in force before
+    /// it, for devices to apply it).
+    pub fn seal(signer: &crate::KeyPair, epoch: u64, keys: &[[u8; 32]]) -> Vec<u8> {
+        signer.seal(&TrustUpdate {
+            epoch,
+            keys: keys.iter().map(|k| (*k).into()).collect(),
+        })
+    }
+}
+
 /// Every trust update so far, oldest first, each a sealed [`TrustUpdate`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode, CborLen)]
 pub struct TrustChain {
@@ -162,12 +173,8 @@ mod tests {
     }
 
     fn link(signer: &KeyPair, epoch: u64, keys: &[&KeyPair]) -> ByteVec {
-        signer
-            .seal(&TrustUpdate {
-                epoch,
-                keys: keys.iter().map(|k| k.public().into()).collect(),
-            })
-            .into()
+        let keys: Vec<[u8; 32]> = keys.iter().map(|k| k.public()).collect();
+        TrustUpdate::seal(signer, epoch, &keys).into()
     }
 
     fn chain(links: Vec<ByteVec>) -> Vec<u8> {

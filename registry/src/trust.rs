@@ -109,15 +109,8 @@ pub async fn rotate(data_dir: &Path, d: &Deployer) -> anyhow::Result<TrustView> 
     );
     let next = keys::create_next_signing_key(data_dir)?;
     set.push(next.public());
-    let update = TrustUpdate {
-        epoch: epoch + 1,
-        keys: set.iter().map(|k| (*k).into()).collect(),
-    };
-    if !d
-        .db
-        .add_trust_link(epoch + 1, &current.seal(&update))
-        .await?
-    {
+    let update = TrustUpdate::seal(&current, epoch + 1, &set);
+    if !d.db.add_trust_link(epoch + 1, &update).await? {
         keys::discard_next_signing_key(data_dir)?;
         anyhow::bail!("another registry recorded trust epoch {} first", epoch + 1);
     }
@@ -152,15 +145,8 @@ pub async fn retire(d: &Deployer, force: bool) -> Result<TrustView, RetireError>
             devices: behind,
         });
     }
-    let update = TrustUpdate {
-        epoch: epoch + 1,
-        keys: vec![current.public().into()],
-    };
-    if !d
-        .db
-        .add_trust_link(epoch + 1, &current.seal(&update))
-        .await?
-    {
+    let update = TrustUpdate::seal(&current, epoch + 1, &[current.public()]);
+    if !d.db.add_trust_link(epoch + 1, &update).await? {
         return Err(
             anyhow::anyhow!("another registry recorded trust epoch {} first", epoch + 1).into(),
         );
