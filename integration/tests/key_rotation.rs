@@ -2,12 +2,13 @@
 //! follows the trust chain and installs what the new key signs; once retired, the old
 //! key speaks for the registry to no device.
 //!
-//! On the embedded broker only: the trust chain is one retained topic per broker, so on
-//! the machine's shared Mosquitto every other test's devices would meet this chain.
+//! On the embedded broker and on a Mosquitto of the test's own: the trust chain is one
+//! retained topic per broker, so on the machine's shared Mosquitto every other test's
+//! devices would meet this chain.
 
 use serde_json::json;
 use std::time::Duration;
-use wpm_integration::{example, unique, wait_for, Backend, Env, Mqtt};
+use wpm_integration::{example, unique, wait_for, Backend, Env, Mqtt, OwnMosquitto};
 use wpm_manifests::{Deployment, KeyPair, Target, Topic};
 
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -27,7 +28,17 @@ async fn fleet_follows(env: &Env, epoch: u64) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rotation_and_retirement_on_the_embedded_broker() -> anyhow::Result<()> {
-    let env = Env::start(Backend::EmbeddedSqlite).await?;
+    rotate_then_retire(Backend::EmbeddedSqlite).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotation_and_retirement_on_mosquitto() -> anyhow::Result<()> {
+    let broker = OwnMosquitto::start()?;
+    rotate_then_retire(Backend::BrokerSqlite(broker.url())).await
+}
+
+async fn rotate_then_retire(backend: Backend) -> anyhow::Result<()> {
+    let env = Env::start(backend).await?;
     let group = unique("keys");
     let fleet = env.api.start_fleet(env.fleet_config(3, &group)).await?;
     let devices = fleet.device_ids().to_vec();
