@@ -233,8 +233,7 @@ impl<F: NorFlash> Device<F> {
         targets.push(Target::Device(config.device_id.clone()));
         let command_topic = Topic::Command(&config.device_id).render();
         let mut device = Self {
-            // Set from the state record below: the provisioned keys or those reached.
-            keys: TrustedKeys::new(&[]),
+            keys: TrustedKeys::new(&trust::in_force(store.state(), &config).1),
             reporter: Reporter::new(
                 config.device_id.clone(),
                 &config.device_key,
@@ -265,7 +264,6 @@ impl<F: NorFlash> Device<F> {
             status_dirty: false,
             published_status: None,
         };
-        device.keys = device.trusted_keys_at_boot();
         device.reconcile();
         Ok(device)
     }
@@ -389,7 +387,7 @@ impl<F: NorFlash> Device<F> {
             ram_free: self.limits.ram_budget.saturating_sub(self.ram_used()),
             last_error: self.last_error.clone(),
             at_ms: self.now_ms,
-            trust_epoch: Some(self.trust().0),
+            trust_epoch: Some(self.trust_epoch()),
         }
     }
 
@@ -555,7 +553,7 @@ impl<F: NorFlash> Device<F> {
         if topic == self.command_topic {
             return self.on_command(payload);
         }
-        if topic == Topic::Trust.render() {
+        if topic == wpm_manifests::topic::TRUST_TOPIC {
             return self.on_trust(payload);
         }
         match wpm_manifests::topic::parse_module_topic(topic) {

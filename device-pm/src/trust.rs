@@ -7,8 +7,8 @@
 //! so the device boots with the old keys or the new ones, never a mix, and follows the
 //! retained chain again on its next connection.
 
-use crate::store::TrustState;
-use crate::Device;
+use crate::store::{State, TrustState};
+use crate::{Config, Device};
 use alloc::format;
 use alloc::string::ToString;
 use alloc::vec::Vec;
@@ -16,18 +16,23 @@ use embedded_storage::nor_flash::NorFlash;
 use wpm_manifests::trust::follow;
 use wpm_manifests::{EventKind, TrustedKeys};
 
+/// The epoch and keys in force: the state record's, or the provisioned ones.
+pub(crate) fn in_force(state: &State, config: &Config) -> (u64, Vec<[u8; 32]>) {
+    match &state.trust {
+        Some(t) => (t.epoch, t.keys.iter().map(|k| **k).collect()),
+        None => (0, config.trusted_keys.clone()),
+    }
+}
+
 impl<F: NorFlash> Device<F> {
     /// The epoch and keys in force: the state record's, or the provisioned ones.
     pub fn trust(&self) -> (u64, Vec<[u8; 32]>) {
-        match &self.store.state().trust {
-            Some(t) => (t.epoch, t.keys.iter().map(|k| **k).collect()),
-            None => (0, self.config.trusted_keys.clone()),
-        }
+        in_force(self.store.state(), &self.config)
     }
 
-    /// The keys manifests and commands are opened with at boot.
-    pub(crate) fn trusted_keys_at_boot(&self) -> TrustedKeys {
-        TrustedKeys::new(&self.trust().1)
+    /// The epoch of the trust chain reached (0: the provisioned keys).
+    pub fn trust_epoch(&self) -> u64 {
+        self.store.state().trust.as_ref().map_or(0, |t| t.epoch)
     }
 
     /// The retained trust chain arrived (again): applies what is new in it, persists the

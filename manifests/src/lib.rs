@@ -23,7 +23,7 @@ pub mod types;
 pub use report::{check_login_password, login_password, Report, ReportBody};
 #[cfg(feature = "batch")]
 pub use signing::open_many;
-pub use signing::{is_weak_key, sha256, KeyPair, OpenError, Sealed, TrustedKeys};
+pub use signing::{is_usable_key, is_weak_key, sha256, KeyPair, OpenError, Sealed, TrustedKeys};
 pub use topic::{Topic, TopicFilter};
 pub use trust::{TrustChain, TrustUpdate};
 pub use types::*;

@@ -145,11 +145,6 @@ impl TrustedKeys {
         self.keys.is_empty()
     }
 
-    /// Keys held (the valid ones of those given).
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
     /// Verifies a sealed statement and decodes its body. Verification comes before
     /// decoding the body, so unauthenticated bytes never reach the body decoder.
     pub fn open<T: SignedBody>(&self, bytes: &[u8]) -> Result<T, OpenError> {
@@ -232,6 +227,12 @@ pub fn open_many<T: SignedBody>(items: &[(&TrustedKeys, &[u8])]) -> Vec<Result<T
 /// disagree, and that no honest device has. Registration refuses it.
 pub fn is_weak_key(key: &[u8; 32]) -> bool {
     VerifyingKey::from_bytes(key).is_ok_and(|k| k.is_weak())
+}
+
+/// Whether `key` is a valid ed25519 point that is not of small order: one a signature
+/// can be checked with.
+pub fn is_usable_key(key: &[u8; 32]) -> bool {
+    VerifyingKey::from_bytes(key).is_ok_and(|k| !k.is_weak())
 }
 
 /// Whether `signature` is `public`'s signature over `context || message`.

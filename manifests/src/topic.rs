@@ -22,6 +22,8 @@ use alloc::string::String;
 
 /// The version prefix of every topic.
 pub const PREFIX: &str = "wpm/v1";
+/// [`Topic::Trust`], as a constant: a device compares every incoming topic with it.
+pub const TRUST_TOPIC: &str = "wpm/v1/trust";
 
 /// One concrete topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,7 +54,7 @@ impl Topic<'_> {
             Topic::Events(d) => format!("{PREFIX}/device/{d}/events"),
             Topic::Telemetry(d, m) => format!("{PREFIX}/device/{d}/telemetry/{m}"),
             Topic::Command(d) => format!("{PREFIX}/device/{d}/command"),
-            Topic::Trust => format!("{PREFIX}/trust"),
+            Topic::Trust => TRUST_TOPIC.into(),
         }
     }
 }
@@ -133,7 +135,7 @@ pub fn device_may_subscribe(device: &str, filter: &str) -> bool {
     }
     if parse_module_topic(filter).is_some()
         || filter == Topic::Command(device).render()
-        || filter == Topic::Trust.render()
+        || filter == TRUST_TOPIC
     {
         return true;
     }
@@ -167,7 +169,7 @@ pub const DEVICE_PUBLISHES: [&str; 4] = [
 /// numbers by name.
 pub const DEVICE_RECEIVES: [&str; 7] = [
     "wpm/v1/deploy/fleet",
-    "wpm/v1/trust",
+    TRUST_TOPIC,
     "wpm/v1/deploy/group/+",
     "wpm/v1/deploy/device/%u",
     "wpm/v1/device/%u/command",

@@ -16,7 +16,7 @@
 //! (`docs/security.md`).
 
 use crate::signing::{SignedBody, TrustedKeys};
-use crate::{is_weak_key, DecodeError, OpenError};
+use crate::{is_usable_key, DecodeError, OpenError};
 use alloc::vec::Vec;
 use core::fmt;
 use minicbor::bytes::{ByteArray, ByteVec};
@@ -137,10 +137,9 @@ pub fn follow(chain: &[u8], epoch: u64, keys: &[[u8; 32]]) -> Followed {
         if update.epoch <= at.epoch {
             continue;
         }
-        let usable = |k: &ByteArray<32>| TrustedKeys::new(&[**k]).len() == 1 && !is_weak_key(k);
         if update.keys.is_empty()
             || update.keys.len() > MAX_TRUSTED_KEYS
-            || !update.keys.iter().all(usable)
+            || !update.keys.iter().all(|k| is_usable_key(k))
         {
             at.error = Some(TrustError::BadKeySet {
                 epoch: update.epoch,

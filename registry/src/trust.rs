@@ -77,6 +77,12 @@ pub fn chain_payload(chain: &[(u64, Vec<u8>)]) -> Vec<u8> {
     })
 }
 
+/// Retains the chain as the database holds it now.
+async fn publish_chain(d: &Deployer) -> anyhow::Result<()> {
+    let chain = d.db.trust_chain().await?;
+    d.publisher.publish_trust(chain_payload(&chain)).await
+}
+
 /// Where things stand.
 ///
 /// # Errors
@@ -118,9 +124,10 @@ pub async fn rotate(data_dir: &Path, d: &Deployer) -> anyhow::Result<TrustView> 
     let public = key.public();
     d.signer.replace(key);
     tracing::info!(epoch = epoch + 1, key = %hex::encode(public), "rotated the signing key");
-    // Chain first (republish puts it before any deployment), then everything the old key
-    // sealed, sealed by the new one.
-    d.republish().await?;
+    // The chain first, so devices learn the new key before anything it seals; then the
+    // module manifests (forgotten, so published again) and deployments, sealed anew.
+    publish_chain(d).await?;
+    d.publisher.forget_published().await;
     d.reissue_all().await?;
     view(&d.db, public).await
 }
@@ -157,9 +164,7 @@ pub async fn retire(d: &Deployer, force: bool) -> Result<TrustView, RetireError>
         behind,
         "retired the old signing keys"
     );
-    d.publisher
-        .publish_trust(chain_payload(&d.db.trust_chain().await?))
-        .await?;
+    publish_chain(d).await?;
     Ok(view(&d.db, current.public()).await?)
 }
 
@@ -174,11 +179,7 @@ pub async fn recover(data_dir: &Path, db: &Db) -> anyhow::Result<()> {
         return Ok(());
     };
     let chain = db.trust_chain().await?;
-    let recorded = match chain.last() {
-        Some(_) => newest(&chain, [0; 32])?.1.contains(&next.public()),
-        None => false,
-    };
-    if recorded {
+    if !chain.is_empty() && newest(&chain, [0; 32])?.1.contains(&next.public()) {
         keys::promote_next_signing_key(data_dir)?;
         tracing::warn!("finished a key rotation that was cut short");
     } else {

@@ -97,14 +97,10 @@ pub fn process_cost(pid: u32) -> Result<ProcessCost> {
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let dir = task?.path();
         let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        let Some(sum) = (if name.starts_with("wpm-broker") {
-            Some(&mut cost.broker)
-        } else if name.starts_with("sqlx-sqlite") {
-            Some(&mut cost.database)
-        } else {
-            None
-        }) else {
-            continue;
+        let sum = match name.as_str() {
+            n if n.starts_with("wpm-broker") => &mut cost.broker,
+            n if n.starts_with("sqlx-sqlite") => &mut cost.database,
+            _ => continue,
         };
         // A thread that ended between listing and reading: its time is in the total.
         if let Ok(stat) = std::fs::read_to_string(dir.join("stat")) {
