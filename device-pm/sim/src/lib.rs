@@ -13,7 +13,7 @@ mod device;
 mod probe;
 
 pub use device::SimDevice;
-pub use probe::{Milestone, Probe};
+pub use probe::{Milestone, Probe, Tally};
 pub use wpm_device_pm::{Qos, Tuning, PUBLISH_WINDOW};
 
 use anyhow::{Context, Result};

@@ -19,6 +19,38 @@ pub struct Milestone {
     pub devices: u64,
 }
 
+/// Reports devices published, by kind of topic, and events by kind.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub status: u64,
+    pub presence: u64,
+    pub events: u64,
+    pub telemetry: u64,
+    /// Events by [`EventKind::name`].
+    pub event_kinds: std::collections::BTreeMap<&'static str, u64>,
+}
+
+impl Tally {
+    /// Every report: status, presence, events, telemetry.
+    pub fn total(&self) -> u64 {
+        self.status + self.presence + self.events + self.telemetry
+    }
+
+    /// What was published after `earlier` was taken.
+    pub fn since(&self, earlier: &Tally) -> Tally {
+        Tally {
+            status: self.status - earlier.status,
+            presence: self.presence - earlier.presence,
+            events: self.events - earlier.events,
+            telemetry: self.telemetry - earlier.telemetry,
+            event_kinds: (self.event_kinds.iter())
+                .map(|(k, n)| (*k, n - earlier.event_kinds.get(k).unwrap_or(&0)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+        }
+    }
+}
+
 /// Counters shared by every device of one or more fleets.
 #[derive(Default, Debug)]
 pub struct Probe {
@@ -26,6 +58,7 @@ pub struct Probe {
     presence: AtomicU64,
     events: AtomicU64,
     telemetry: AtomicU64,
+    event_kinds: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     link_drops: AtomicU64,
     /// Milestone name → when; per device only the first time counts.
     milestones: Mutex<HashMap<String, (Milestone, std::collections::HashSet<String>)>>,
@@ -34,10 +67,20 @@ pub struct Probe {
 impl Probe {
     /// Reports devices published to the registry: status, presence, events, telemetry.
     pub fn sent(&self) -> u64 {
-        self.status.load(Ordering::Relaxed)
-            + self.presence.load(Ordering::Relaxed)
-            + self.events.load(Ordering::Relaxed)
-            + self.telemetry.load(Ordering::Relaxed)
+        self.tally().total()
+    }
+
+    /// Reports devices published so far, by kind.
+    pub fn tally(&self) -> Tally {
+        Tally {
+            status: self.status.load(Ordering::Relaxed),
+            presence: self.presence.load(Ordering::Relaxed),
+            events: self.events.load(Ordering::Relaxed),
+            telemetry: self.telemetry.load(Ordering::Relaxed),
+            event_kinds: (self.event_kinds.lock())
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
     }
 
     /// Events devices published (installed, failed, rolled back, …).
@@ -107,15 +150,20 @@ impl Probe {
             }
             DeviceTopic::Events(device) => {
                 self.events.fetch_add(1, Ordering::Relaxed);
-                match body(payload) {
-                    Ok(ReportBody::Event(Event {
-                        kind: EventKind::ManifestAccepted { .. },
-                        ..
-                    })) => self.reach("accepted".into(), device, now_ms),
-                    Ok(ReportBody::Event(Event {
-                        kind: EventKind::Installed { module, version },
-                        ..
-                    })) => self.reach(format!("installed {module}@{version}"), device, now_ms),
+                let Ok(ReportBody::Event(Event { kind, .. })) = body(payload) else {
+                    return;
+                };
+                *(self.event_kinds.lock())
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(kind.name())
+                    .or_default() += 1;
+                match kind {
+                    EventKind::ManifestAccepted { .. } => {
+                        self.reach("accepted".into(), device, now_ms)
+                    }
+                    EventKind::Installed { module, version } => {
+                        self.reach(format!("installed {module}@{version}"), device, now_ms)
+                    }
                     _ => {}
                 }
             }

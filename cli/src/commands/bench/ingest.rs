@@ -162,7 +162,8 @@ pub async fn run(global: &GlobalArgs, args: IngestBenchArgs) -> Result<()> {
         .map(|devices| {
             (0..per)
                 .map(|i| {
-                    let (id, key) = &devices[(i % devices.len() as u64) as usize];
+                    let n = devices.len() as u64;
+                    let (id, key) = &devices[scattered(i % n, n) as usize];
                     let at = 1_790_000_000_000 + i;
                     // Each device's records go out in counter order.
                     report(id, key, i / devices.len() as u64 + 1, at)
@@ -285,4 +286,29 @@ fn render(r: &Value) -> String {
         r["cpu_us_per_record"]["database"].as_f64().unwrap_or(0.0),
         r["cpu_us_per_record"]["broker"].as_f64().unwrap_or(0.0),
     )
+}
+
+/// The `k`th device of a round over `n`: each device once, in an order that jumps across
+/// the fleet as a real fleet's reports do. In id order, a batch's reports would land on
+/// neighbouring database pages and hide what a report costs at that fleet size.
+fn scattered(k: u64, n: u64) -> u64 {
+    // Primes: one of them is coprime with any n, and a coprime stride visits every index.
+    let stride = [7919, 7927].into_iter().find(|p| !n.is_multiple_of(*p)).unwrap_or(1);
+    k * stride % n
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_round_visits_every_device_once_out_of_order() {
+        for n in [1u64, 2, 1000, 7919, 10_000] {
+            let order: Vec<u64> = (0..n).map(|k| super::scattered(k, n)).collect();
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..n).collect::<Vec<_>>(), "n = {n}");
+            if n > 2 {
+                assert!(order.windows(2).all(|w| w[1] != w[0] + 1), "n = {n}");
+            }
+        }
+    }
 }

@@ -350,7 +350,7 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
     // Phase 1: a one-shot group deploy of v1.
     probe.reset_milestones();
     let cost = Cost::start(pid, own_broker.as_ref().and_then(OwnMosquitto::pid))?;
-    let sent_before = probe.sent();
+    let sent_before = probe.tally();
     let t = Instant::now();
     let t_unix = unix_ms();
     client
@@ -388,7 +388,7 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
         deploy_total - m.last_ms.saturating_sub(t_unix) as f64 / 1000.0
     });
     let deploy_cpu = cost.since()?;
-    let deploy_reports = probe.sent() - sent_before;
+    let deploy_reports = probe.tally().since(&sent_before);
     say(&format!(
         "one-shot deploy of v1: {deploy_total:.1} s (distribution {deploy_distribution:.1} s)"
     ));
@@ -398,7 +398,7 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
     let before = traffic_now().await?;
     probe.reset_milestones();
     let cost = Cost::start(pid, own_broker.as_ref().and_then(OwnMosquitto::pid))?;
-    let sent_before = probe.sent();
+    let sent_before = probe.tally();
     let t = Instant::now();
     let r = client
         .post_json(
@@ -453,7 +453,7 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
     .await?;
     let rollout_distribution = distribution(&probe, "bench@2.0.0").unwrap_or(0.0);
     let rollout_cpu = cost.since()?;
-    let rollout_reports = probe.sent() - sent_before;
+    let rollout_reports = probe.tally().since(&sent_before);
     tokio::time::sleep(settle).await;
     let after = traffic_now().await?;
     let peak_mem = process_cost(pid)?.peak_rss;
@@ -521,6 +521,14 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
         let k = of.max(1) as f64 / 1000.0;
         json!({"registry": cpu.registry / k, "database": cpu.database / k, "broker": cpu.broker / k})
     };
+    let per_device = |t: &wpm_sim::Tally| {
+        let n = args.devices.max(1) as f64;
+        let events: serde_json::Map<String, Value> = (t.event_kinds.iter())
+            .map(|(k, v)| (k.to_string(), json!(*v as f64 / n)))
+            .collect();
+        json!({"status": t.status as f64 / n, "presence": t.presence as f64 / n,
+               "telemetry": t.telemetry as f64 / n, "events": events})
+    };
     let diff = |i: usize| match (before, after) {
         (Some(b), Some(a)) => json!(a[i].saturating_sub(b[i])),
         _ => Value::Null,
@@ -536,17 +544,19 @@ async fn once(args: &RolloutBenchArgs, say: &dyn Fn(&str)) -> Result<Value> {
             "total_seconds": deploy_total,
             "distribution_seconds": deploy_distribution,
             "confirmation_seconds": deploy_confirmation,
-            "reports": deploy_reports,
+            "reports": deploy_reports.total(),
+            "reports_per_device": per_device(&deploy_reports),
             "cpu_seconds_per_1000_devices": per_k(deploy_cpu, args.devices as u64),
-            "cpu_seconds_per_1000_reports": per_k(deploy_cpu, deploy_reports),
+            "cpu_seconds_per_1000_reports": per_k(deploy_cpu, deploy_reports.total()),
         },
         "rollout": {
             "total_seconds": rollout_total,
             "distribution_seconds": rollout_distribution,
             "stage_start_seconds": stage_times.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
-            "reports": rollout_reports,
+            "reports": rollout_reports.total(),
+            "reports_per_device": per_device(&rollout_reports),
             "cpu_seconds_per_1000_devices": per_k(rollout_cpu, args.devices as u64),
-            "cpu_seconds_per_1000_reports": per_k(rollout_cpu, rollout_reports),
+            "cpu_seconds_per_1000_reports": per_k(rollout_cpu, rollout_reports.total()),
         },
         "raw_fanout": fanouts,
         "ratios": {

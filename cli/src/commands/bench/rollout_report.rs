@@ -15,6 +15,21 @@ pub(super) fn summary_line(i: usize, r: &Value) -> String {
     )
 }
 
+/// Reports per device by kind, events by kind in brackets.
+fn per_device(v: &Value) -> String {
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let events: Vec<String> = (v["events"].as_object().into_iter().flatten())
+        .map(|(k, n)| format!("{k} {:.2}", f(n)))
+        .collect();
+    format!(
+        "status {:.2}, presence {:.2}, telemetry {:.2}, events [{}]",
+        f(&v["status"]),
+        f(&v["presence"]),
+        f(&v["telemetry"]),
+        events.join(", ")
+    )
+}
+
 pub(super) fn render(r: &Value) -> String {
     let f = |v: &Value| v.as_f64().unwrap_or(0.0);
     let cpu = |v: &Value| {
@@ -39,6 +54,8 @@ pub(super) fn render(r: &Value) -> String {
          \x20   devices → broker            {} messages, {}\n\
          \x20 CPU per 1,000 devices         deploy: {}; rollout: {}\n\
          \x20 CPU per 1,000 reports         deploy: {} ({} reports); rollout: {} ({} reports)\n\
+         \x20 reports per device            deploy: {}\n\
+         \x20                               rollout: {}\n\
          \x20 registry peak memory          {}\n\
          \x20 fleet summary answered in     {} ms median, {} ms at most",
         human_size(r["module_size"].as_u64().unwrap_or(0)),
@@ -73,6 +90,8 @@ pub(super) fn render(r: &Value) -> String {
         r["deploy"]["reports"],
         cpu(&r["rollout"]["cpu_seconds_per_1000_reports"]),
         r["rollout"]["reports"],
+        per_device(&r["deploy"]["reports_per_device"]),
+        per_device(&r["rollout"]["reports_per_device"]),
         human_size(r["registry_peak_rss_bytes"].as_u64().unwrap_or(0)),
         ratio(&r["fleet_summary_latency"]["median_ms"]),
         ratio(&r["fleet_summary_latency"]["max_ms"]),
