@@ -219,7 +219,7 @@ impl Db {
     /// Takes the next registry-wide sequence (shared by deployments and commands, so a
     /// device can order everything the registry signs for it).
     pub async fn next_sequence(&self) -> anyhow::Result<u64> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.writer().acquire().await?;
         take_sequences(&mut conn, 1).await
     }
 

@@ -17,8 +17,8 @@ pub struct StatusWrite {
     pub flash_free: i64,
     pub ram_free: i64,
     pub last_error: Option<String>,
-    /// Digest of `groups` and `modules`: when it matches the stored one, their rows
-    /// stay as they are.
+    /// Digest of `groups` and of `modules` ([`rows_digest`]): where a half matches the
+    /// stored one, that table's rows stay as they are.
     pub rows_digest: RowsDigest,
     pub status: Vec<u8>,
     /// The device's clock when it sent the status: shown, never used to order.
@@ -33,8 +33,42 @@ pub struct StatusWrite {
     pub trust_epoch: Option<i64>,
 }
 
-/// A digest of a status's groups and modules.
+/// A digest of a status's groups (first half) and of its modules (second half).
 pub type RowsDigest = [u8; 16];
+
+/// The rows a status stands for besides the device's own, each table with its half of
+/// the [`RowsDigest`].
+#[derive(Clone, Copy)]
+enum DeviceRows {
+    Groups,
+    Modules,
+}
+
+impl DeviceRows {
+    fn table(self) -> &'static str {
+        match self {
+            DeviceRows::Groups => "device_groups",
+            DeviceRows::Modules => "device_modules",
+        }
+    }
+
+    fn half(self) -> std::ops::Range<usize> {
+        match self {
+            DeviceRows::Groups => 0..8,
+            DeviceRows::Modules => 8..16,
+        }
+    }
+}
+
+/// The [`RowsDigest`] of `groups` and `modules`. Two halves, so a status whose modules
+/// changed (every step of an install) leaves the device's group rows alone: each rewritten
+/// row costs index pages no other report of the batch shares in a large fleet.
+pub fn rows_digest(groups: &[String], modules: &[wpm_manifests::ModuleStatus]) -> RowsDigest {
+    let mut d = [0; 16];
+    d[..8].copy_from_slice(&wpm_manifests::sha256(&wpm_manifests::encode(&groups))[..8]);
+    d[8..].copy_from_slice(&wpm_manifests::sha256(&wpm_manifests::encode(&modules))[..8]);
+    d
+}
 
 /// One module as a device reported it: what ingest writes and the fleet view reads.
 #[derive(Clone, Debug)]
@@ -235,13 +269,17 @@ impl Db {
                 .map(|r| r.try_get("id"))
                 .collect::<Result<_, _>>()?;
             // Stored, and with other groups or modules than before.
-            let changed: Vec<&StatusWrite> = chunk
-                .iter()
-                .filter(|s| written.contains(&s.device))
-                .filter(|s| stored_digest(&s.device) != Some(s.rows_digest))
-                .copied()
-                .collect();
-            self.replace_device_rows(tx, &changed).await?;
+            for rows in [DeviceRows::Groups, DeviceRows::Modules] {
+                let changed: Vec<&StatusWrite> = (chunk.iter())
+                    .filter(|s| written.contains(&s.device))
+                    .filter(|s| {
+                        let stored = stored_digest(&s.device);
+                        stored.map(|d| d[rows.half()] == s.rows_digest[rows.half()]) != Some(true)
+                    })
+                    .copied()
+                    .collect();
+                self.replace_device_rows(tx, rows, &changed).await?;
+            }
             stored.extend(written);
         }
         let (wills, presences): (Vec<&PresenceWrite>, Vec<&PresenceWrite>) =
@@ -449,26 +487,38 @@ impl Db {
 }
 
 impl Db {
-    /// Replaces the module and group rows of devices whose status was just stored.
+    /// Replaces the `rows` of devices whose status was just stored.
     async fn replace_device_rows(
         &self,
         tx: &mut sqlx::AnyConnection,
+        rows: DeviceRows,
         statuses: &[&StatusWrite],
     ) -> anyhow::Result<()> {
         if statuses.is_empty() {
             return Ok(());
         }
-        for table in ["device_modules", "device_groups"] {
-            let sql = format!(
-                "DELETE FROM {table} WHERE device IN ({})",
-                list(statuses.len(), 1)
-            );
-            let mut q = self.statement(sql);
-            for s in statuses {
-                q = q.bind(&s.device);
-            }
-            q.execute(&mut *tx).await?;
+        let sql = format!(
+            "DELETE FROM {} WHERE device IN ({})",
+            rows.table(),
+            list(statuses.len(), 1)
+        );
+        let mut q = self.statement(sql);
+        for s in statuses {
+            q = q.bind(&s.device);
         }
+        q.execute(&mut *tx).await?;
+        match rows {
+            DeviceRows::Groups => self.insert_groups(tx, statuses).await,
+            DeviceRows::Modules => self.insert_modules(tx, statuses).await,
+        }
+    }
+
+    /// Inserts the module rows of `statuses`' devices.
+    async fn insert_modules(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        statuses: &[&StatusWrite],
+    ) -> anyhow::Result<()> {
         let mut modules: Vec<(&str, &DeviceModule)> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for s in statuses {
@@ -497,6 +547,15 @@ impl Db {
             }
             q.execute(&mut *tx).await?;
         }
+        Ok(())
+    }
+
+    /// Inserts the group rows of `statuses`' devices.
+    async fn insert_groups(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        statuses: &[&StatusWrite],
+    ) -> anyhow::Result<()> {
         let groups: std::collections::BTreeSet<(&str, &str)> = statuses
             .iter()
             .flat_map(|s| s.groups.iter().map(|g| (s.device.as_str(), g.as_str())))

@@ -94,7 +94,7 @@ impl Db {
         .bind(m.pinned as i64)
         .bind(wasm.to_vec())
         .bind(m.created_at)
-        .execute(&self.pool)
+        .execute(self.writer())
         .await?;
         if r.rows_affected() == 1 {
             return Ok(InsertOutcome::Created);

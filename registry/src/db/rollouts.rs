@@ -281,7 +281,7 @@ impl Db {
         .bind(reason)
         .bind(now_ms())
         .bind(id)
-        .execute(&self.pool)
+        .execute(self.writer())
         .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -300,7 +300,7 @@ impl Db {
         .bind(group_sequence)
         .bind(now_ms())
         .bind(id)
-        .execute(&self.pool)
+        .execute(self.writer())
         .await?;
         Ok(())
     }
@@ -330,7 +330,7 @@ impl Db {
                     .bind(now)
                     .bind(now);
             }
-            q.execute(&self.pool).await?;
+            q.execute(self.writer()).await?;
         }
         Ok(())
     }
@@ -359,7 +359,7 @@ impl Db {
         .bind(now)
         .bind(group)
         .bind(id)
-        .execute(&self.pool)
+        .execute(self.writer())
         .await?;
         Ok(())
     }
@@ -372,7 +372,7 @@ impl Db {
         )
         .bind(now_ms())
         .bind(id)
-        .execute(&self.pool)
+        .execute(self.writer())
         .await?;
         Ok(())
     }
@@ -390,7 +390,7 @@ impl Db {
         .bind(name)
         .bind(holder)
         .bind(now)
-        .execute(&self.pool)
+        .execute(self.writer())
         .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -409,7 +409,7 @@ impl Db {
         )
         .bind(i64::try_from(up_to_sequence)?)
         .bind(id)
-        .execute(&self.pool)
+        .execute(self.writer())
         .await?;
         Ok(())
     }

@@ -42,7 +42,7 @@ impl Db {
         .bind(scope)
         .bind(secret_hash.to_vec())
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(self.writer())
         .await?;
         Ok(())
     }
@@ -75,7 +75,7 @@ impl Db {
         )
         .bind(now_ms())
         .bind(id)
-        .execute(&self.pool)
+        .execute(self.writer())
         .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -104,7 +104,7 @@ impl Db {
         .bind(id)
         .bind(secret_hash.to_vec())
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(self.writer())
         .await?;
         Ok(())
     }

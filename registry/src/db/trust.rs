@@ -25,7 +25,7 @@ impl Db {
         .bind(epoch as i64)
         .bind(sealed.to_vec())
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(self.writer())
         .await?
         .rows_affected();
         Ok(written == 1)

@@ -309,9 +309,7 @@ fn status_write(
         flash_free: s.flash_free.into(),
         ram_free: s.ram_free.into(),
         last_error: s.last_error.clone(),
-        rows_digest: wpm_manifests::sha256(&wpm_manifests::encode(&(&s.groups, &s.modules)))[..16]
-            .try_into()
-            .expect("16 of 32 bytes"),
+        rows_digest: crate::db::rows_digest(&s.groups, &s.modules),
         status: wpm_manifests::encode(&s),
         status_at: i64::try_from(s.at_ms).unwrap_or(i64::MAX),
         trust_epoch: s.trust_epoch.map(|e| i64::try_from(e).unwrap_or(i64::MAX)),
