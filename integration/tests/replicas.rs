@@ -2,12 +2,16 @@
 //! ingest split through a shared subscription with nothing written twice, identical
 //! retained publishes, and a rollout that survives the replica driving it being killed
 //! (and restarted by its supervisor under the same name, draining what the broker queued
-//! for it).
+//! for it). A key rotation made by one replica is followed by the other, which also
+//! guards what the first one published once it is gone.
 
+use serde_json::json;
 use std::time::Duration;
 use wpm_integration::{
-    example, identity_secret, mosquitto, postgres_database, shared_data_dir, unique, Mqtt, Replica,
+    example, identity_secret, mosquitto, postgres_database, shared_data_dir, unique, wait_for,
+    Mqtt, OwnMosquitto, Replica,
 };
+use wpm_manifests::Topic;
 
 const CONVERGE: Duration = Duration::from_secs(120);
 
@@ -119,6 +123,106 @@ async fn two_replicas_share_ingest_and_survive_a_kill() -> anyhow::Result<()> {
     survivor
         .api
         .wait_running(&devices, "hello", "2.0.0", CONVERGE)
+        .await?;
+    fleet.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_follows_the_others_rotation_and_guards_its_modules() -> anyhow::Result<()> {
+    let db = postgres_database().await?;
+    let data = shared_data_dir()?;
+    // The trust chain is retained: not on the machine's shared broker.
+    let broker = OwnMosquitto::start()?;
+    let (token, share) = (unique("token"), unique("wpm-registry"));
+    let start = |name: &str| {
+        Replica::start(
+            data.path(),
+            &db,
+            &broker.url(),
+            &share,
+            &token,
+            &format!("{share}-{name}"),
+        )
+    };
+    let (mut a, b) = (start("a")?, start("b")?);
+    a.wait_up().await?;
+    b.wait_up().await?;
+    let old = a.api.public_key().await?;
+    let group = unique("follow");
+    let mut config = wpm_sim::FleetConfig::new(broker.url(), vec![old], identity_secret());
+    config.devices = 3;
+    config.groups = vec![group.clone()];
+    config.id_prefix = unique("dev");
+    config.tuning.turn_interval_ms = 200;
+    let fleet = a.api.start_fleet(config).await?;
+    let devices = fleet.device_ids().to_vec();
+    let (a_api, b_api) = (a.api.clone(), b.api.clone());
+    a_api.install_hello(&group, &devices, CONVERGE).await?;
+
+    // A rotates; B signs with the new key within a few seconds, without a restart.
+    let rotated = a_api.post("/v1/keys/rotate", json!({})).await?.ok()?;
+    assert_eq!(rotated["epoch"], 1);
+    let new = a_api.public_key().await?;
+    assert_ne!(new, old);
+    wait_for("replica b to sign with the new key", CONVERGE, || async {
+        Ok((b_api.public_key().await? == new).then_some(()))
+    })
+    .await?;
+
+    // A publishes and deploys v2, then dies. Garbage on v2's manifest: B puts A's bytes
+    // back.
+    let v2 = a_api
+        .publish("hello", "2.0.0", example("hello/v2.wat"))
+        .await?
+        .ok()?;
+    a_api.deploy("hello", "2.0.0", &group).await?.ok()?;
+    a_api
+        .wait_running(&devices, "hello", "2.0.0", CONVERGE)
+        .await?;
+    let mut digest = [0u8; 32];
+    hex::decode_to_slice(v2["sha256"].as_str().unwrap_or_default(), &mut digest)?;
+    let topic = Topic::ModuleManifest(&digest).render();
+    let mut mqtt = Mqtt::connect(&broker.url()).await?;
+    let published = mqtt.retained(&topic).await?;
+    a.process.kill();
+    mqtt.publish(&topic, b"garbage".to_vec(), true).await?;
+    wait_for(
+        "replica b to repair the manifest replica a published",
+        CONVERGE,
+        || async {
+            let mut m = Mqtt::connect(&broker.url()).await?;
+            Ok((m.retained(&topic).await? == published).then_some(()))
+        },
+    )
+    .await?;
+    let h = b_api.get("/v1/health").await?.ok()?;
+    assert!(h["retained"]["repaired"].as_u64() >= Some(1), "{h}");
+    // Its supervisor starts A again: the broker kept A's share of the reports for it.
+    let a = start("a")?;
+    a.wait_up().await?;
+
+    // B retires the old key (not the new one it would have had it kept its own), and
+    // what it signs after that installs.
+    wait_for("every device to reach trust epoch 1", CONVERGE, || async {
+        let k = b_api.get("/v1/keys").await?.ok()?;
+        Ok((k["devices_behind"] == 0).then_some(()))
+    })
+    .await?;
+    let retired = b_api.post("/v1/keys/retire", json!({})).await?.ok()?;
+    assert_eq!(retired["epoch"], 2);
+    assert_eq!(retired["trusted_keys"], json!([hex::encode(new)]));
+    let v3 = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello/v2.wat"),
+    )?
+    .replace("hello 2.0.0 started", "hello 3.0.0 started");
+    b_api
+        .publish("hello", "3.0.0", wat::parse_str(&v3)?)
+        .await?
+        .ok()?;
+    b_api.deploy("hello", "3.0.0", &group).await?.ok()?;
+    b_api
+        .wait_running(&devices, "hello", "3.0.0", CONVERGE)
         .await?;
     fleet.stop().await?;
     Ok(())

@@ -56,6 +56,12 @@ pub fn load_or_create_signing_key(data_dir: &Path) -> anyhow::Result<KeyPair> {
     Ok(key)
 }
 
+/// The key in DATA_DIR/signing.key as the file is now (another replica sharing the
+/// directory may have rotated it), if there is one.
+pub fn signing_key(data_dir: &Path) -> anyhow::Result<Option<KeyPair>> {
+    read_key(&data_dir.join(SIGNING_KEY_FILE))
+}
+
 /// The key in `path` (a hex ed25519 seed, or 32 raw bytes), if the file exists.
 fn read_key(path: &Path) -> anyhow::Result<Option<KeyPair>> {
     if !path.exists() {

@@ -78,9 +78,7 @@ impl Registry {
         )
         .await?;
         trust::recover(&config.data_dir, &db).await?;
-        let signer = Arc::new(signer::Signer::new(keys::load_or_create_signing_key(
-            &config.data_dir,
-        )?));
+        let signer = Arc::new(signer::Signer::load(&config.data_dir)?);
 
         let max_packet = config.max_packet_size();
         let mut embedded = None;
@@ -193,11 +191,11 @@ impl Registry {
                 stop_rx.clone(),
             )),
             tokio::spawn(rollout::controller_loop(controller, stop_rx.clone())),
+            tokio::spawn(trust::follow_loop(deployer.clone(), stop_rx.clone())),
         ];
         let state = Arc::new(http::AppState {
             db: db.clone(),
             signer: signer.clone(),
-            data_dir: config.data_dir.clone(),
             token: token.clone(),
             deployer,
             stats,

@@ -204,40 +204,9 @@ impl Publisher {
         if published.contains(&module.sha256) {
             return Ok(());
         }
-        anyhow::ensure!(
-            sha256(wasm) == module.sha256,
-            "stored bytes of {}@{} do not match their sha256",
-            module.name,
-            module.version
-        );
-        let chunk_size = module.chunk_size.max(1) as usize;
-        let mut hashes = Vec::new();
-        for (i, data) in wasm.chunks(chunk_size).enumerate() {
-            hashes.push(sha256(data).into());
-            let chunk = Chunk {
-                module: module.sha256.into(),
-                index: i as u32,
-                data: data.to_vec().into(),
-            };
-            self.publish(
-                Topic::Chunk(&module.sha256, i as u32).render(),
-                encode(&chunk),
-            )
-            .await?;
+        for (topic, payload) in module_messages(module, wasm, &self.signer.key())? {
+            self.publish(topic, payload).await?;
         }
-        let manifest = ModuleManifest {
-            name: module.name.clone(),
-            version: module.version.clone(),
-            sha256: module.sha256.into(),
-            size: module.size,
-            chunk_size: module.chunk_size,
-            chunk_hashes: hashes,
-        };
-        self.publish(
-            Topic::ModuleManifest(&module.sha256).render(),
-            keys::seal_module_manifest(&self.signer.key(), &manifest),
-        )
-        .await?;
         published.insert(module.sha256);
         (self.retained().modules).insert(module.sha256, module.clone());
         tracing::info!(
@@ -245,6 +214,29 @@ impl Publisher {
             chunks = module.chunk_count(), "published module"
         );
         Ok(())
+    }
+
+    /// The sha256 of each message of `module` as this process would retain it now.
+    ///
+    /// # Errors
+    /// When `wasm` is not the module's bytes.
+    pub fn module_hashes(
+        &self,
+        module: &ModuleRow,
+        wasm: &[u8],
+    ) -> anyhow::Result<HashMap<String, [u8; 32]>> {
+        Ok(module_messages(module, wasm, &self.signer.key())?
+            .into_iter()
+            .map(|(topic, payload)| (topic, sha256(&payload)))
+            .collect())
+    }
+
+    /// Takes `hashes` (from [`Self::module_hashes`]) as what is retained for `module`,
+    /// without publishing: another replica published exactly these bytes.
+    pub fn adopt_module(&self, module: &ModuleRow, hashes: HashMap<String, [u8; 32]>) {
+        let mut retained = self.retained();
+        retained.topics.extend(hashes);
+        retained.modules.insert(module.sha256, module.clone());
     }
 
     pub async fn publish_deployment(&self, d: &DeploymentRow) -> anyhow::Result<()> {
@@ -271,6 +263,49 @@ impl Publisher {
         // The event loop sends the DISCONNECT, then the stop signal ends it.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.task).await;
     }
+}
+
+/// The retained messages of a module: each chunk, then its manifest sealed by `key`.
+/// The same for every replica with that key (ed25519 signatures are deterministic).
+fn module_messages(
+    module: &ModuleRow,
+    wasm: &[u8],
+    key: &wpm_manifests::KeyPair,
+) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    anyhow::ensure!(
+        sha256(wasm) == module.sha256,
+        "stored bytes of {}@{} do not match their sha256",
+        module.name,
+        module.version
+    );
+    let chunk_size = module.chunk_size.max(1) as usize;
+    let mut messages = Vec::new();
+    let mut hashes = Vec::new();
+    for (i, data) in wasm.chunks(chunk_size).enumerate() {
+        hashes.push(sha256(data).into());
+        let chunk = Chunk {
+            module: module.sha256.into(),
+            index: i as u32,
+            data: data.to_vec().into(),
+        };
+        messages.push((
+            Topic::Chunk(&module.sha256, i as u32).render(),
+            encode(&chunk),
+        ));
+    }
+    let manifest = ModuleManifest {
+        name: module.name.clone(),
+        version: module.version.clone(),
+        sha256: module.sha256.into(),
+        size: module.size,
+        chunk_size: module.chunk_size,
+        chunk_hashes: hashes,
+    };
+    messages.push((
+        Topic::ModuleManifest(&module.sha256).render(),
+        keys::seal_module_manifest(key, &manifest),
+    ));
+    Ok(messages)
 }
 
 /// Publishes everything deployed: the trust chain, the modules of every desired set,

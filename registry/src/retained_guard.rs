@@ -4,18 +4,25 @@
 //! target's newest deployment. Anything else retained there (garbage, an empty message
 //! that clears the topic, an old deployment) stops devices installing, and the
 //! publisher's memory of what it sent would never notice. So a client of the registry's
-//! own watches those topics and, when a message there is not what this process last
-//! retained, puts the registry's bytes back: at most once a second per module or target,
-//! however fast someone writes there, each repair counted (`/v1/health`
-//! `retained.repaired`) and logged with its topic.
+//! own watches those topics and, when a message there is not what belongs, puts the
+//! registry's bytes back: at most once a second per module or target, however fast
+//! someone writes there, each repair counted (`/v1/health` `retained.repaired`) and
+//! logged with its topic.
+//!
+//! What belongs is decided by the database, not by this process's memory, so every
+//! replica guards every deployed module and target, whichever replica published it: a
+//! module's messages are the same bytes from any replica (chunks, and a manifest sealed
+//! by the shared key: ed25519 is deterministic), and a target's is its newest
+//! deployment. Before judging, the guard follows a key rotation another replica made
+//! ([`crate::trust::follow`]), so it never puts an old key's manifest back.
 //!
 //! Devices need none of this to stay safe (they verify every signature and hash); it
 //! keeps them able to install. A locked-down broker keeps others off these topics in
-//! the first place. Module topics this process never published (another replica's
-//! modules, a digest nobody deployed) are left alone: no device asks for them; nor is a
-//! deployment topic with no live deployment in the database (devices refuse what is
-//! there, and report it).
+//! the first place. Module topics of no deployed module (a digest nobody deployed) are
+//! left alone: no device asks for them; nor is a deployment topic with no live
+//! deployment in the database (devices refuse what is there, and report it).
 
+use crate::db::ModuleRow;
 use crate::deploy::Deployer;
 use crate::publish::{client_id, drive, MqttSettings};
 use rumqttc::v5::mqttbytes::v5::Packet;
@@ -24,7 +31,7 @@ use rumqttc::v5::{AsyncClient, Event};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use wpm_manifests::sha256;
 use wpm_manifests::topic::{parse_deployment_topic, parse_module_topic, ModuleTopic, PREFIX};
@@ -44,9 +51,15 @@ enum Damage {
     Deployment(String),
 }
 
-/// Whether a message on `topic` with payload hash `seen` differs from what this process
-/// retained there (`ours`): the damage to repair. Pure.
-fn judge(topic: &str, seen: [u8; 32], ours: Option<[u8; 32]>) -> Option<Damage> {
+/// Whether a message on `topic` with payload hash `seen` may differ from what belongs
+/// there: the damage to look into. `ours` is what this process retained there; a module
+/// topic matters only if the module is `deployed`. Pure.
+fn judge(
+    topic: &str,
+    seen: [u8; 32],
+    ours: Option<[u8; 32]>,
+    deployed: impl Fn(&[u8; 32]) -> bool,
+) -> Option<Damage> {
     if ours == Some(seen) {
         return None;
     }
@@ -54,32 +67,72 @@ fn judge(topic: &str, seen: [u8; 32], ours: Option<[u8; 32]>) -> Option<Damage> 
         let digest = match t {
             ModuleTopic::Manifest(d) | ModuleTopic::Chunk(d, _) => d,
         };
-        // Not one of ours: nobody installs from it.
-        return ours.map(|_| Damage::Module(digest));
+        // Not deployed: nobody installs from it.
+        return deployed(&digest).then_some(Damage::Module(digest));
     }
     parse_deployment_topic(topic)?;
     // Nothing of ours and nothing there: fine. Otherwise the database says what belongs.
     (ours.is_some() || seen != sha256(&[])).then(|| Damage::Deployment(topic.into()))
 }
 
-/// Damage waiting for the next repair pass, each with the hash last seen there. Pure.
+/// Damage waiting for the next repair pass, each with the hash last seen on each of its
+/// topics. Pure.
 #[derive(Debug, Default)]
-struct Pending(HashMap<Damage, [u8; 32]>);
+struct Pending(HashMap<Damage, HashMap<String, [u8; 32]>>);
 
 impl Pending {
     /// Takes in one message: `seen` on `topic`, where this process retained `ours`.
-    fn observe(&mut self, topic: &str, seen: [u8; 32], ours: Option<[u8; 32]>) {
-        match judge(topic, seen, ours) {
+    fn observe(
+        &mut self,
+        topic: &str,
+        seen: [u8; 32],
+        ours: Option<[u8; 32]>,
+        deployed: impl Fn(&[u8; 32]) -> bool,
+    ) {
+        match judge(topic, seen, ours, deployed) {
             Some(d) => {
-                self.0.insert(d, seen);
+                self.0.entry(d).or_default().insert(topic.into(), seen);
             }
             // Messages from this process's publisher arrive in the order it sent them:
             // an older deployment seen just before its successor is no damage once the
-            // successor arrives.
+            // successor arrives; nor is a module message put right since.
             None => {
                 self.0.remove(&Damage::Deployment(topic.into()));
+                self.0.retain(|_, topics| {
+                    topics.remove(topic);
+                    !topics.is_empty()
+                });
             }
         }
+    }
+}
+
+/// The deployed modules by digest (one digest may carry several names or versions),
+/// read again from the database at most once a second, when a digest it does not hold
+/// shows up.
+struct Deployed {
+    modules: HashMap<[u8; 32], Vec<ModuleRow>>,
+    read_at: Option<Instant>,
+}
+
+impl Deployed {
+    async fn contains(&mut self, deployer: &Deployer, digest: &[u8; 32]) -> bool {
+        let stale = self
+            .read_at
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
+        if !self.modules.contains_key(digest) && stale {
+            self.read_at = Some(Instant::now());
+            match deployer.db.desired_modules().await {
+                Ok(rows) => {
+                    self.modules.clear();
+                    for m in rows {
+                        self.modules.entry(m.sha256).or_default().push(m);
+                    }
+                }
+                Err(e) => tracing::error!(error = format!("{e:#}"), "reading deployed modules"),
+            }
+        }
+        self.modules.contains_key(digest)
     }
 }
 
@@ -113,6 +166,10 @@ pub async fn run(
         },
     ));
     let mut damaged = Pending::default();
+    let mut deployed = Deployed {
+        modules: HashMap::new(),
+        read_at: None,
+    };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut stop_rx = stop;
     loop {
@@ -120,11 +177,24 @@ pub async fn run(
             _ = stop_rx.changed() => break,
             m = rx.recv() => {
                 let Some((topic, seen)) = m else { break };
-                damaged.observe(&topic, seen, deployer.publisher.retained_hash(&topic));
+                let ours = deployer.publisher.retained_hash(&topic);
+                let is_deployed = match parse_module_topic(&topic) {
+                    Some(ModuleTopic::Manifest(d) | ModuleTopic::Chunk(d, _)) if ours != Some(seen) => {
+                        deployed.contains(&deployer, &d).await
+                    }
+                    _ => false,
+                };
+                damaged.observe(&topic, seen, ours, |_| is_deployed);
             }
             _ = tick.tick() => {
+                if damaged.0.is_empty() {
+                    continue;
+                }
+                if let Err(e) = crate::trust::follow(&deployer).await {
+                    tracing::error!(error = format!("{e:#}"), "following the trust chain");
+                }
                 for (d, seen) in std::mem::take(&mut damaged.0) {
-                    match repair(&deployer, &d, seen).await {
+                    match repair(&deployer, &deployed, &d, &seen).await {
                         Ok(true) => {
                             stats.repaired.fetch_add(1, Ordering::Relaxed);
                         }
@@ -143,16 +213,39 @@ pub async fn run(
 }
 
 /// Puts the registry's bytes back; false when what is there is right after all (another
-/// replica published a newer deployment) or there is nothing to put back.
-async fn repair(deployer: &Deployer, damage: &Damage, seen: [u8; 32]) -> anyhow::Result<bool> {
+/// replica published the same module or a newer deployment) or there is nothing to put
+/// back. `seen`: the hash last seen on each damaged topic.
+async fn repair(
+    deployer: &Deployer,
+    deployed: &Deployed,
+    damage: &Damage,
+    seen: &HashMap<String, [u8; 32]>,
+) -> anyhow::Result<bool> {
     let publisher = &deployer.publisher;
     match damage {
         Damage::Module(digest) => {
-            let Some(m) = publisher.published_module(digest) else {
+            let Some(rows) = deployed.modules.get(digest) else {
                 return Ok(false);
             };
-            let wasm = deployer.db.module_wasm(&m.name, &m.version).await?;
-            tracing::warn!(module = %m.name, version = %m.version,
+            let wasm = deployer
+                .db
+                .module_wasm(&rows[0].name, &rows[0].version)
+                .await?;
+            for m in rows {
+                let hashes = publisher.module_hashes(m, &wasm)?;
+                if seen.iter().all(|(t, h)| hashes.get(t) == Some(h)) {
+                    publisher.adopt_module(m, hashes);
+                    return Ok(false);
+                }
+            }
+            // The one this process published, else the last deployed under that digest.
+            let m = (publisher.published_module(digest))
+                .filter(|p| {
+                    rows.iter()
+                        .any(|r| r.name == p.name && r.version == p.version)
+                })
+                .unwrap_or_else(|| rows[rows.len() - 1].clone());
+            tracing::warn!(module = %m.name, version = %m.version, topics = ?seen.keys().collect::<Vec<_>>(),
                 "something else was retained on a topic of this module; publishing it again");
             publisher.republish_module(&m, &wasm).await?;
             Ok(true)
@@ -163,8 +256,9 @@ async fn repair(deployer: &Deployer, damage: &Damage, seen: [u8; 32]) -> anyhow:
             };
             // Under the deploy lock: a deployment made meanwhile is not overwritten.
             let _guard = deployer.lock.lock().await;
+            let seen = seen.get(topic.as_str()).copied();
             match deployer.db.latest_deployment(&target).await? {
-                Some(d) if sha256(&d.sealed) == seen => Ok(false),
+                Some(d) if Some(sha256(&d.sealed)) == seen => Ok(false),
                 Some(d) => {
                     tracing::warn!(topic, "something else was retained on a deployment topic; publishing the newest deployment again");
                     publisher.publish_deployment(&d).await?;
@@ -184,40 +278,47 @@ mod tests {
 
     #[test]
     fn only_what_differs_from_what_was_published_is_damage() {
+        let yes = |_: &[u8; 32]| true;
+        let no = |_: &[u8; 32]| false;
         let (ours, other, empty) = ([1; 32], [2; 32], sha256(&[]));
         let h = "ab".repeat(32);
         let manifest = format!("wpm/v1/module/{h}/manifest");
         let chunk = format!("wpm/v1/module/{h}/chunk/3");
         let digest = [0xab; 32];
-        assert_eq!(judge(&manifest, ours, Some(ours)), None);
+        assert_eq!(judge(&manifest, ours, Some(ours), yes), None);
         assert_eq!(
-            judge(&manifest, other, Some(ours)),
+            judge(&manifest, other, Some(ours), yes),
             Some(Damage::Module(digest))
         );
         assert_eq!(
-            judge(&manifest, empty, Some(ours)),
+            judge(&manifest, empty, Some(ours), yes),
             Some(Damage::Module(digest))
         );
         assert_eq!(
-            judge(&chunk, other, Some(ours)),
+            judge(&chunk, other, Some(ours), yes),
             Some(Damage::Module(digest))
         );
-        // A module this process never published: nobody installs from it.
-        assert_eq!(judge(&chunk, other, None), None);
+        // A deployed module this process never published: the database decides.
+        assert_eq!(
+            judge(&chunk, other, None, yes),
+            Some(Damage::Module(digest))
+        );
+        // A module nobody deployed: nobody installs from it.
+        assert_eq!(judge(&chunk, other, Some(ours), no), None);
         let group = "wpm/v1/deploy/group/eu";
-        assert_eq!(judge(group, ours, Some(ours)), None);
+        assert_eq!(judge(group, ours, Some(ours), yes), None);
         assert_eq!(
-            judge(group, other, Some(ours)),
+            judge(group, other, Some(ours), yes),
             Some(Damage::Deployment(group.into()))
         );
         // Something where this process deployed nothing: the database decides.
         assert_eq!(
-            judge(group, other, None),
+            judge(group, other, None, yes),
             Some(Damage::Deployment(group.into()))
         );
-        assert_eq!(judge(group, empty, None), None);
+        assert_eq!(judge(group, empty, None, yes), None);
         // Reports and commands are not retained state of the registry's.
-        assert_eq!(judge("wpm/v1/device/d1/status", other, None), None);
+        assert_eq!(judge("wpm/v1/device/d1/status", other, None, yes), None);
     }
 
     #[test]
@@ -226,11 +327,32 @@ mod tests {
         let group = "wpm/v1/deploy/group/eu";
         let mut p = Pending::default();
         // v1 and v2 published back to back: v1 arrives when v2 is already ours.
-        p.observe(group, v1, Some(v2));
-        p.observe(group, v2, Some(v2));
+        let deployed = |_: &[u8; 32]| true;
+        p.observe(group, v1, Some(v2), deployed);
+        p.observe(group, v2, Some(v2), deployed);
         assert!(p.0.is_empty(), "{p:?}");
         // Garbage after ours stays damage.
-        p.observe(group, garbage, Some(v2));
-        assert_eq!(p.0.get(&Damage::Deployment(group.into())), Some(&garbage));
+        p.observe(group, garbage, Some(v2), deployed);
+        let seen = &p.0[&Damage::Deployment(group.into())];
+        assert_eq!(seen.get(group), Some(&garbage));
+    }
+
+    #[test]
+    fn a_module_topic_put_right_since_is_no_damage() {
+        let (ours, garbage) = ([1; 32], [3; 32]);
+        let h = "ab".repeat(32);
+        let (manifest, chunk) = (
+            format!("wpm/v1/module/{h}/manifest"),
+            format!("wpm/v1/module/{h}/chunk/0"),
+        );
+        let deployed = |_: &[u8; 32]| true;
+        let mut p = Pending::default();
+        p.observe(&manifest, garbage, Some(ours), deployed);
+        p.observe(&chunk, garbage, Some(ours), deployed);
+        p.observe(&manifest, ours, Some(ours), deployed);
+        let topics = &p.0[&Damage::Module([0xab; 32])];
+        assert_eq!(topics.keys().collect::<Vec<_>>(), [&chunk]);
+        p.observe(&chunk, ours, Some(ours), deployed);
+        assert!(p.0.is_empty(), "{p:?}");
     }
 }

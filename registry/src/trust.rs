@@ -11,15 +11,23 @@
 //! A rotation is crash safe: the next key is written to its own file before its update
 //! is recorded, and only then renamed over the signing key; [`recover`] finishes or
 //! undoes one that was cut short.
+//!
+//! Replicas share the database and the data directory: [`follow_loop`] has each one
+//! sign with the chain's newest key within [`FOLLOW_EVERY`] of another's rotation.
 
 use crate::db::Db;
 use crate::deploy::Deployer;
 use crate::keys;
 use anyhow::Context as _;
 use std::path::Path;
-use tokio::sync::Mutex;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Mutex};
 use wpm_manifests::trust::MAX_TRUSTED_KEYS;
 use wpm_manifests::{Sealed, TrustChain, TrustUpdate};
+
+/// How often a replica looks for a rotation another one made.
+pub const FOLLOW_EVERY: Duration = Duration::from_secs(2);
 
 /// One rotation or retirement at a time in this process (replicas are kept apart by the
 /// chain's primary key).
@@ -104,8 +112,11 @@ pub async fn view(db: &Db, signing: [u8; 32]) -> anyhow::Result<TrustView> {
 /// When the set is full (retire first), another replica recorded the same epoch first,
 /// or the key file, the database or the broker fails; a failure before the update is
 /// recorded leaves the old key signing.
-pub async fn rotate(data_dir: &Path, d: &Deployer) -> anyhow::Result<TrustView> {
+pub async fn rotate(d: &Deployer) -> anyhow::Result<TrustView> {
     let _one = CHANGING.lock().await;
+    // From the newest key, had another replica rotated since this one last looked.
+    follow_locked(d).await?;
+    let data_dir = d.signer.data_dir();
     let current = d.signer.key();
     let (epoch, mut set) = newest(&d.db.trust_chain().await?, current.public())?;
     anyhow::ensure!(
@@ -140,6 +151,8 @@ pub async fn rotate(data_dir: &Path, d: &Deployer) -> anyhow::Result<TrustView> 
 /// a database or broker failure.
 pub async fn retire(d: &Deployer, force: bool) -> Result<TrustView, RetireError> {
     let _one = CHANGING.lock().await;
+    // Never seal "this key alone" with a key another replica has rotated away from.
+    follow_locked(d).await?;
     let current = d.signer.key();
     let (epoch, set) = newest(&d.db.trust_chain().await?, current.public())?;
     if set == [current.public()] {
@@ -166,6 +179,76 @@ pub async fn retire(d: &Deployer, force: bool) -> Result<TrustView, RetireError>
     );
     publish_chain(d).await?;
     Ok(view(&d.db, current.public()).await?)
+}
+
+/// Signs with the newest key of the chain once its file is in the data directory: the
+/// rotation another replica made. Everything this process published under the old key
+/// is forgotten, so it is sealed anew when next deployed (the rotating replica has
+/// published again what is deployed now).
+///
+/// # Errors
+/// When the database or the key file cannot be read, or when the chain no longer
+/// trusts the key this process signs with and the file holds no key it does (the data
+/// directory is not shared with the replica that rotated).
+pub async fn follow(d: &Deployer) -> anyhow::Result<()> {
+    let (_, set) = newest(&d.db.trust_chain().await?, d.signer.key().public())?;
+    if newest_key(&set) == d.signer.key().public() {
+        return Ok(());
+    }
+    // Not half-way through this process's own rotation.
+    let _one = CHANGING.lock().await;
+    follow_locked(d).await
+}
+
+/// The key that signs at the end of a key set: a rotation appends it, a retirement
+/// leaves it alone.
+fn newest_key(set: &[[u8; 32]]) -> [u8; 32] {
+    *set.last().expect("a trust update names a key")
+}
+
+/// [`follow`], holding [`CHANGING`].
+async fn follow_locked(d: &Deployer) -> anyhow::Result<()> {
+    let current = d.signer.key();
+    let (epoch, set) = newest(&d.db.trust_chain().await?, current.public())?;
+    if newest_key(&set) == current.public() {
+        return Ok(());
+    }
+    match keys::signing_key(d.signer.data_dir())? {
+        Some(key) if key.public() == newest_key(&set) => {
+            tracing::info!(epoch, key = %hex::encode(key.public()),
+                "signing with the key another registry rotated to");
+            d.signer.replace(key);
+            d.publisher.forget_published().await;
+            Ok(())
+        }
+        // Its update is recorded, its file not yet renamed into place: the current key
+        // is still trusted meanwhile.
+        _ if set.contains(&current.public()) => Ok(()),
+        _ => anyhow::bail!(
+            "devices no longer trust this registry's signing key {} (trust epoch {epoch}), \
+             and {} holds none they do: share the data directory with the registry that \
+             rotated, or restart with its key",
+            hex::encode(current.public()),
+            d.signer.data_dir().display()
+        ),
+    }
+}
+
+/// Runs [`follow`] every [`FOLLOW_EVERY`] until `stop`; an error is logged when it
+/// first appears, not every pass.
+pub async fn follow_loop(d: Arc<Deployer>, mut stop: watch::Receiver<bool>) {
+    let mut last_error = None;
+    loop {
+        let error = follow(&d).await.err().map(|e| format!("{e:#}"));
+        if error.is_some() && error != last_error {
+            tracing::error!(error = error.as_deref(), "following the trust chain");
+        }
+        last_error = error;
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+        }
+    }
 }
 
 /// At start, before the signing key is read: finishes a rotation whose update was

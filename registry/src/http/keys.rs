@@ -27,7 +27,7 @@ pub(super) async fn show(State(state): State<Shared>) -> ApiResult<Json<Value>> 
 
 /// `POST /v1/keys/rotate`.
 pub(super) async fn rotate(State(state): State<Shared>) -> ApiResult<Json<Value>> {
-    let v = trust::rotate(&state.data_dir, &state.deployer)
+    let v = trust::rotate(&state.deployer)
         .await
         .map_err(|e| ApiError::new(StatusCode::CONFLICT, format!("{e:#}")))?;
     Ok(view_json(&v))

@@ -29,8 +29,6 @@ use wpm_manifests::{valid_name, Action, Command, Deployment, HealthWindow, Seale
 pub struct AppState {
     pub db: Db,
     pub signer: Arc<crate::signer::Signer>,
-    /// Where the signing key lives (a rotation writes the next one there).
-    pub data_dir: std::path::PathBuf,
     pub token: String,
     pub deployer: Arc<Deployer>,
     pub stats: Arc<IngestStats>,
