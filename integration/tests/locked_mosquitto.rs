@@ -152,6 +152,13 @@ async fn a_locked_down_mosquitto_serves_the_fleet_and_holds_each_client_to_its_o
     attacker
         .subscribe(format!("wpm/v1/device/{d1}/status"), QoS::AtLeastOnce)
         .await?;
+    // Nor through a share group, where it would take reports away from the registry's.
+    attacker
+        .subscribe(
+            "$share/wpm-ingest/wpm/v1/device/+/telemetry",
+            QoS::AtLeastOnce,
+        )
+        .await?;
     let forged = b"forged".to_vec();
     for topic in [
         format!("wpm/v1/device/{d1}/status"),
@@ -182,7 +189,7 @@ async fn a_locked_down_mosquitto_serves_the_fleet_and_holds_each_client_to_its_o
     }
     assert_eq!(through, [format!("wpm/v1/device/{d0}/events")]);
     // Subscribed to everything, it received deployments and modules, but no report of
-    // any device, nor any command.
+    // any device (the devices send telemetry every turn), nor any command.
     let mut topics = Vec::new();
     while let Ok(t) = received.try_recv() {
         topics.push(t);

@@ -31,7 +31,7 @@ use rumqttc::v5::{AsyncClient, Event};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use wpm_manifests::sha256;
 use wpm_manifests::topic::{parse_deployment_topic, parse_module_topic, ModuleTopic, PREFIX};
@@ -52,14 +52,8 @@ enum Damage {
 }
 
 /// Whether a message on `topic` with payload hash `seen` may differ from what belongs
-/// there: the damage to look into. `ours` is what this process retained there; a module
-/// topic matters only if the module is `deployed`. Pure.
-fn judge(
-    topic: &str,
-    seen: [u8; 32],
-    ours: Option<[u8; 32]>,
-    deployed: impl Fn(&[u8; 32]) -> bool,
-) -> Option<Damage> {
+/// there: the damage to look into. `ours` is what this process retained there. Pure.
+fn judge(topic: &str, seen: [u8; 32], ours: Option<[u8; 32]>) -> Option<Damage> {
     if ours == Some(seen) {
         return None;
     }
@@ -67,8 +61,8 @@ fn judge(
         let digest = match t {
             ModuleTopic::Manifest(d) | ModuleTopic::Chunk(d, _) => d,
         };
-        // Not deployed: nobody installs from it.
-        return deployed(&digest).then_some(Damage::Module(digest));
+        // The database decides whether it is a deployed module (the repair pass).
+        return Some(Damage::Module(digest));
     }
     parse_deployment_topic(topic)?;
     // Nothing of ours and nothing there: fine. Otherwise the database says what belongs.
@@ -82,14 +76,8 @@ struct Pending(HashMap<Damage, HashMap<String, [u8; 32]>>);
 
 impl Pending {
     /// Takes in one message: `seen` on `topic`, where this process retained `ours`.
-    fn observe(
-        &mut self,
-        topic: &str,
-        seen: [u8; 32],
-        ours: Option<[u8; 32]>,
-        deployed: impl Fn(&[u8; 32]) -> bool,
-    ) {
-        match judge(topic, seen, ours, deployed) {
+    fn observe(&mut self, topic: &str, seen: [u8; 32], ours: Option<[u8; 32]>) {
+        match judge(topic, seen, ours) {
             Some(d) => {
                 self.0.entry(d).or_default().insert(topic.into(), seen);
             }
@@ -107,32 +95,18 @@ impl Pending {
     }
 }
 
-/// The deployed modules by digest (one digest may carry several names or versions),
-/// read again from the database at most once a second, when a digest it does not hold
-/// shows up.
-struct Deployed {
-    modules: HashMap<[u8; 32], Vec<ModuleRow>>,
-    read_at: Option<Instant>,
-}
+/// The deployed modules by digest (one digest may carry several names or versions), as
+/// the database said at the last repair pass that had a module to look into.
+#[derive(Default)]
+struct Deployed(HashMap<[u8; 32], Vec<ModuleRow>>);
 
 impl Deployed {
-    async fn contains(&mut self, deployer: &Deployer, digest: &[u8; 32]) -> bool {
-        let stale = self
-            .read_at
-            .is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
-        if !self.modules.contains_key(digest) && stale {
-            self.read_at = Some(Instant::now());
-            match deployer.db.desired_modules().await {
-                Ok(rows) => {
-                    self.modules.clear();
-                    for m in rows {
-                        self.modules.entry(m.sha256).or_default().push(m);
-                    }
-                }
-                Err(e) => tracing::error!(error = format!("{e:#}"), "reading deployed modules"),
-            }
+    async fn read(&mut self, deployer: &Deployer) -> anyhow::Result<()> {
+        self.0.clear();
+        for m in deployer.db.desired_modules().await? {
+            self.0.entry(m.sha256).or_default().push(m);
         }
-        self.modules.contains_key(digest)
+        Ok(())
     }
 }
 
@@ -166,10 +140,7 @@ pub async fn run(
         },
     ));
     let mut damaged = Pending::default();
-    let mut deployed = Deployed {
-        modules: HashMap::new(),
-        read_at: None,
-    };
+    let mut deployed = Deployed::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut stop_rx = stop;
     loop {
@@ -177,14 +148,7 @@ pub async fn run(
             _ = stop_rx.changed() => break,
             m = rx.recv() => {
                 let Some((topic, seen)) = m else { break };
-                let ours = deployer.publisher.retained_hash(&topic);
-                let is_deployed = match parse_module_topic(&topic) {
-                    Some(ModuleTopic::Manifest(d) | ModuleTopic::Chunk(d, _)) if ours != Some(seen) => {
-                        deployed.contains(&deployer, &d).await
-                    }
-                    _ => false,
-                };
-                damaged.observe(&topic, seen, ours, |_| is_deployed);
+                damaged.observe(&topic, seen, deployer.publisher.retained_hash(&topic));
             }
             _ = tick.tick() => {
                 if damaged.0.is_empty() {
@@ -192,6 +156,13 @@ pub async fn run(
                 }
                 if let Err(e) = crate::trust::follow(&deployer).await {
                     tracing::error!(error = format!("{e:#}"), "following the trust chain");
+                }
+                let modules = damaged.0.keys().any(|d| matches!(d, Damage::Module(_)));
+                if modules {
+                    if let Err(e) = deployed.read(&deployer).await {
+                        tracing::error!(error = format!("{e:#}"), "reading the deployed modules");
+                        continue;
+                    }
                 }
                 for (d, seen) in std::mem::take(&mut damaged.0) {
                     match repair(&deployer, &deployed, &d, &seen).await {
@@ -224,7 +195,8 @@ async fn repair(
     let publisher = &deployer.publisher;
     match damage {
         Damage::Module(digest) => {
-            let Some(rows) = deployed.modules.get(digest) else {
+            // Not deployed: nobody installs from it.
+            let Some(rows) = deployed.0.get(digest) else {
                 return Ok(false);
             };
             let wasm = deployer
@@ -278,47 +250,40 @@ mod tests {
 
     #[test]
     fn only_what_differs_from_what_was_published_is_damage() {
-        let yes = |_: &[u8; 32]| true;
-        let no = |_: &[u8; 32]| false;
         let (ours, other, empty) = ([1; 32], [2; 32], sha256(&[]));
         let h = "ab".repeat(32);
         let manifest = format!("wpm/v1/module/{h}/manifest");
         let chunk = format!("wpm/v1/module/{h}/chunk/3");
         let digest = [0xab; 32];
-        assert_eq!(judge(&manifest, ours, Some(ours), yes), None);
+        assert_eq!(judge(&manifest, ours, Some(ours)), None);
         assert_eq!(
-            judge(&manifest, other, Some(ours), yes),
+            judge(&manifest, other, Some(ours)),
             Some(Damage::Module(digest))
         );
         assert_eq!(
-            judge(&manifest, empty, Some(ours), yes),
+            judge(&manifest, empty, Some(ours)),
             Some(Damage::Module(digest))
         );
         assert_eq!(
-            judge(&chunk, other, Some(ours), yes),
+            judge(&chunk, other, Some(ours)),
             Some(Damage::Module(digest))
         );
-        // A deployed module this process never published: the database decides.
-        assert_eq!(
-            judge(&chunk, other, None, yes),
-            Some(Damage::Module(digest))
-        );
-        // A module nobody deployed: nobody installs from it.
-        assert_eq!(judge(&chunk, other, Some(ours), no), None);
+        // A module this process never published: the database decides.
+        assert_eq!(judge(&chunk, other, None), Some(Damage::Module(digest)));
         let group = "wpm/v1/deploy/group/eu";
-        assert_eq!(judge(group, ours, Some(ours), yes), None);
+        assert_eq!(judge(group, ours, Some(ours)), None);
         assert_eq!(
-            judge(group, other, Some(ours), yes),
+            judge(group, other, Some(ours)),
             Some(Damage::Deployment(group.into()))
         );
         // Something where this process deployed nothing: the database decides.
         assert_eq!(
-            judge(group, other, None, yes),
+            judge(group, other, None),
             Some(Damage::Deployment(group.into()))
         );
-        assert_eq!(judge(group, empty, None, yes), None);
+        assert_eq!(judge(group, empty, None), None);
         // Reports and commands are not retained state of the registry's.
-        assert_eq!(judge("wpm/v1/device/d1/status", other, None, yes), None);
+        assert_eq!(judge("wpm/v1/device/d1/status", other, None), None);
     }
 
     #[test]
@@ -327,12 +292,11 @@ mod tests {
         let group = "wpm/v1/deploy/group/eu";
         let mut p = Pending::default();
         // v1 and v2 published back to back: v1 arrives when v2 is already ours.
-        let deployed = |_: &[u8; 32]| true;
-        p.observe(group, v1, Some(v2), deployed);
-        p.observe(group, v2, Some(v2), deployed);
+        p.observe(group, v1, Some(v2));
+        p.observe(group, v2, Some(v2));
         assert!(p.0.is_empty(), "{p:?}");
         // Garbage after ours stays damage.
-        p.observe(group, garbage, Some(v2), deployed);
+        p.observe(group, garbage, Some(v2));
         let seen = &p.0[&Damage::Deployment(group.into())];
         assert_eq!(seen.get(group), Some(&garbage));
     }
@@ -345,14 +309,13 @@ mod tests {
             format!("wpm/v1/module/{h}/manifest"),
             format!("wpm/v1/module/{h}/chunk/0"),
         );
-        let deployed = |_: &[u8; 32]| true;
         let mut p = Pending::default();
-        p.observe(&manifest, garbage, Some(ours), deployed);
-        p.observe(&chunk, garbage, Some(ours), deployed);
-        p.observe(&manifest, ours, Some(ours), deployed);
+        p.observe(&manifest, garbage, Some(ours));
+        p.observe(&chunk, garbage, Some(ours));
+        p.observe(&manifest, ours, Some(ours));
         let topics = &p.0[&Damage::Module([0xab; 32])];
         assert_eq!(topics.keys().collect::<Vec<_>>(), [&chunk]);
-        p.observe(&chunk, ours, Some(ours), deployed);
+        p.observe(&chunk, ours, Some(ours));
         assert!(p.0.is_empty(), "{p:?}");
     }
 }
