@@ -1,7 +1,9 @@
 //! A real firmware image in the fleet: the QEMU mps2-an505 board's `netdevice` (the same
 //! device loop, device-pm core and wasmi as the nRF9160 image, on a Cortex-M33, over the
 //! emulated LAN9118 Ethernet) joins three simulated devices in one group, and all four
-//! install hello 1.0.0 and then upgrade to 2.0.0 from the registry.
+//! install hello 1.0.0 and then upgrade to 2.0.0 from the registry. Between the two the
+//! registry rotates its signing key, and after them it retires the old one: the
+//! firmware follows the trust chain as the simulated devices do.
 //!
 //! The broker is the registry's embedded one, the single-machine default: the firmware
 //! speaks MQTT 5 (rust-mqtt 0.6), the simulated devices too, with the same tunables.
@@ -11,11 +13,12 @@
 //! itself (cargo does nothing when it is up to date).
 
 use anyhow::{bail, Context, Result};
+use serde_json::json;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use wpm_integration::{cli_binary, unique, Backend, Env};
+use wpm_integration::{cli_binary, unique, wait_for, Backend, Env};
 
 /// wasmi under TCG emulation is slower than the simulator, and QEMU's device turns once
 /// a second (3 turns of health check per upgrade): generous.
@@ -172,6 +175,11 @@ async fn qemu_device_installs_and_upgrades_with_the_fleet() -> Result<()> {
 
     env.api.publish_hello().await?;
     for version in ["1.0.0", "2.0.0"] {
+        if version == "2.0.0" {
+            // 2.0.0 is sealed by a key the devices learn from the trust chain.
+            env.api.post("/v1/keys/rotate", json!({})).await?.ok()?;
+            fleet_reaches_epoch(&env, 1).await?;
+        }
         let started = std::time::Instant::now();
         env.api.deploy("hello", version, &group).await?.ok()?;
         let converged = env
@@ -201,7 +209,25 @@ async fn qemu_device_installs_and_upgrades_with_the_fleet() -> Result<()> {
             "{d} still runs hello 1.0.0"
         );
     }
+    // Retired: the QEMU device, like the others, trusts the new key alone, in its flash.
+    let retired = env.api.post("/v1/keys/retire", json!({})).await?.ok()?;
+    assert_eq!(retired["epoch"], 2, "{retired}");
+    fleet_reaches_epoch(&env, 2).await?;
     drop(qemu);
     fleet.stop().await?;
     env.registry.shutdown().await
+}
+
+/// Waits until every registered device, the QEMU one included, reports trust epoch
+/// `epoch` in its status.
+async fn fleet_reaches_epoch(env: &Env, epoch: u64) -> Result<()> {
+    wait_for(
+        &format!("every device to reach trust epoch {epoch}"),
+        CONVERGE,
+        || async {
+            let k = env.api.get("/v1/keys").await?.ok()?;
+            Ok((k["epoch"] == epoch && k["devices_behind"] == 0).then_some(()))
+        },
+    )
+    .await
 }
