@@ -293,7 +293,10 @@ fn render(r: &Value) -> String {
 /// neighbouring database pages and hide what a report costs at that fleet size.
 fn scattered(k: u64, n: u64) -> u64 {
     // Primes: one of them is coprime with any n, and a coprime stride visits every index.
-    let stride = [7919, 7927].into_iter().find(|p| !n.is_multiple_of(*p)).unwrap_or(1);
+    let stride = [7919, 7927]
+        .into_iter()
+        .find(|p| !n.is_multiple_of(*p))
+        .unwrap_or(1);
     k * stride % n
 }
 
