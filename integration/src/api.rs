@@ -276,6 +276,20 @@ impl Api {
         )
         .await
     }
+
+    /// Waits until the registry's newest trust epoch is `epoch` and no registered,
+    /// unrevoked device reports an older one.
+    pub async fn wait_trust_epoch(&self, epoch: u64, timeout: Duration) -> Result<()> {
+        wait_for(
+            &format!("every device to reach trust epoch {epoch}"),
+            timeout,
+            || async {
+                let k = self.get("/v1/keys").await?.ok()?;
+                Ok((k["epoch"] == epoch && k["devices_behind"] == 0).then_some(()))
+            },
+        )
+        .await
+    }
 }
 
 /// Whether the fleet status JSON shows `device` running `module@version`.

@@ -8,23 +8,10 @@
 
 use serde_json::json;
 use std::time::Duration;
-use wpm_integration::{example, unique, wait_for, Backend, Env, Mqtt, OwnMosquitto};
+use wpm_integration::{example, unique, Backend, Env, Mqtt, OwnMosquitto};
 use wpm_manifests::{Deployment, KeyPair, Target, Topic};
 
 const CONVERGE: Duration = Duration::from_secs(60);
-
-/// Waits until no registered device is behind the registry's newest trust epoch.
-async fn fleet_follows(env: &Env, epoch: u64) -> anyhow::Result<()> {
-    wait_for(
-        &format!("every device to reach trust epoch {epoch}"),
-        CONVERGE,
-        || async {
-            let k = env.api.get("/v1/keys").await?.ok()?;
-            Ok((k["epoch"] == epoch && k["devices_behind"] == 0).then_some(()))
-        },
-    )
-    .await
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rotation_and_retirement_on_the_embedded_broker() -> anyhow::Result<()> {
@@ -59,7 +46,7 @@ async fn rotate_then_retire(backend: Backend) -> anyhow::Result<()> {
         rotated["trusted_keys"],
         json!([hex::encode(old.public()), hex::encode(new)])
     );
-    fleet_follows(&env, 1).await?;
+    env.api.wait_trust_epoch(1, CONVERGE).await?;
 
     // What the new key signs installs on devices provisioned with the old one.
     env.api
@@ -94,7 +81,7 @@ async fn rotate_then_retire(backend: Backend) -> anyhow::Result<()> {
     let retired = env.api.post("/v1/keys/retire", json!({})).await?.ok()?;
     assert_eq!(retired["epoch"], 2);
     assert_eq!(retired["trusted_keys"], json!([hex::encode(new)]));
-    fleet_follows(&env, 2).await?;
+    env.api.wait_trust_epoch(2, CONVERGE).await?;
 
     // Whoever kept the old key cannot make a device run anything.
     let forged = Deployment {

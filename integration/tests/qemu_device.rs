@@ -18,7 +18,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use wpm_integration::{cli_binary, unique, wait_for, Backend, Env};
+use wpm_integration::{cli_binary, unique, Backend, Env};
 
 /// wasmi under TCG emulation is slower than the simulator, and QEMU's device turns once
 /// a second (3 turns of health check per upgrade): generous.
@@ -178,7 +178,7 @@ async fn qemu_device_installs_and_upgrades_with_the_fleet() -> Result<()> {
         if version == "2.0.0" {
             // 2.0.0 is sealed by a key the devices learn from the trust chain.
             env.api.post("/v1/keys/rotate", json!({})).await?.ok()?;
-            fleet_reaches_epoch(&env, 1).await?;
+            env.api.wait_trust_epoch(1, CONVERGE).await?;
         }
         let started = std::time::Instant::now();
         env.api.deploy("hello", version, &group).await?.ok()?;
@@ -212,22 +212,8 @@ async fn qemu_device_installs_and_upgrades_with_the_fleet() -> Result<()> {
     // Retired: the QEMU device, like the others, trusts the new key alone, in its flash.
     let retired = env.api.post("/v1/keys/retire", json!({})).await?.ok()?;
     assert_eq!(retired["epoch"], 2, "{retired}");
-    fleet_reaches_epoch(&env, 2).await?;
+    env.api.wait_trust_epoch(2, CONVERGE).await?;
     drop(qemu);
     fleet.stop().await?;
     env.registry.shutdown().await
-}
-
-/// Waits until every registered device, the QEMU one included, reports trust epoch
-/// `epoch` in its status.
-async fn fleet_reaches_epoch(env: &Env, epoch: u64) -> Result<()> {
-    wait_for(
-        &format!("every device to reach trust epoch {epoch}"),
-        CONVERGE,
-        || async {
-            let k = env.api.get("/v1/keys").await?.ok()?;
-            Ok((k["epoch"] == epoch && k["devices_behind"] == 0).then_some(()))
-        },
-    )
-    .await
 }

@@ -204,11 +204,7 @@ async fn a_replica_follows_the_others_rotation_and_guards_its_modules() -> anyho
 
     // B retires the old key (not the new one it would have had it kept its own), and
     // what it signs after that installs.
-    wait_for("every device to reach trust epoch 1", CONVERGE, || async {
-        let k = b_api.get("/v1/keys").await?.ok()?;
-        Ok((k["devices_behind"] == 0).then_some(()))
-    })
-    .await?;
+    b_api.wait_trust_epoch(1, CONVERGE).await?;
     let retired = b_api.post("/v1/keys/retire", json!({})).await?.ok()?;
     assert_eq!(retired["epoch"], 2);
     assert_eq!(retired["trusted_keys"], json!([hex::encode(new)]));
