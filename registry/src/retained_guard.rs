@@ -57,10 +57,7 @@ fn judge(topic: &str, seen: [u8; 32], ours: Option<[u8; 32]>) -> Option<Damage> 
     if ours == Some(seen) {
         return None;
     }
-    if let Some(t) = parse_module_topic(topic) {
-        let digest = match t {
-            ModuleTopic::Manifest(d) | ModuleTopic::Chunk(d, _) => d,
-        };
+    if let Some(digest) = module_digest(topic) {
         // The database decides whether it is a deployed module (the repair pass).
         return Some(Damage::Module(digest));
     }
@@ -85,14 +82,26 @@ impl Pending {
             // an older deployment seen just before its successor is no damage once the
             // successor arrives; nor is a module message put right since.
             None => {
-                self.0.remove(&Damage::Deployment(topic.into()));
-                self.0.retain(|_, topics| {
+                let damage = match module_digest(topic) {
+                    Some(digest) => Damage::Module(digest),
+                    None => Damage::Deployment(topic.into()),
+                };
+                if let Some(topics) = self.0.get_mut(&damage) {
                     topics.remove(topic);
-                    !topics.is_empty()
-                });
+                    if topics.is_empty() {
+                        self.0.remove(&damage);
+                    }
+                }
             }
         }
     }
+}
+
+/// The module a chunk or manifest topic belongs to.
+fn module_digest(topic: &str) -> Option<[u8; 32]> {
+    parse_module_topic(topic).map(|t| match t {
+        ModuleTopic::Manifest(d) | ModuleTopic::Chunk(d, _) => d,
+    })
 }
 
 /// The deployed modules by digest (one digest may carry several names or versions), as

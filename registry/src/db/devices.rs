@@ -273,8 +273,8 @@ impl Db {
                 let changed: Vec<&StatusWrite> = (chunk.iter())
                     .filter(|s| written.contains(&s.device))
                     .filter(|s| {
-                        let stored = stored_digest(&s.device);
-                        stored.map(|d| d[rows.half()] == s.rows_digest[rows.half()]) != Some(true)
+                        stored_digest(&s.device)
+                            .is_none_or(|d| d[rows.half()] != s.rows_digest[rows.half()])
                     })
                     .copied()
                     .collect();

@@ -166,7 +166,7 @@ pub async fn run(global: &GlobalArgs, args: IngestBenchArgs) -> Result<()> {
                     let (id, key) = &devices[scattered(i % n, n) as usize];
                     let at = 1_790_000_000_000 + i;
                     // Each device's records go out in counter order.
-                    report(id, key, i / devices.len() as u64 + 1, at)
+                    report(id, key, i / n + 1, at)
                 })
                 .collect()
         })
